@@ -1,0 +1,23 @@
+"""jaxsens: differentiable sensitivity analysis of neural networks in JAX.
+
+When noise enters a network (input, hidden activation or weight), how far does the
+output move? Answered three ways on the same inputs: ``sampled`` (Monte Carlo),
+``linearized`` (exact first-order propagation) and ``bound`` (certified worst case).
+"""
+
+from . import estimators as estimators
+from . import models as models
+from . import noise as noise
+from . import sites as sites
+from .estimators import Deviation as Deviation
+from .estimators import bound as bound
+from .estimators import linearized as linearized
+from .estimators import profile as profile
+from .estimators import sampled as sampled
+from .sites import PureModel as PureModel
+from .sites import activation_sites as activation_sites
+from .sites import activations as activations
+from .sites import split as split
+from .sites import weight_sites as weight_sites
+
+__version__ = "0.1.0"

@@ -145,7 +145,8 @@ def _sampled_core(struct, params, rest, x, labels, key, law, *, site, num_sample
     k_out = out0f.shape[-1]
     zero = jnp.zeros((batch,), out0f.dtype)
     carry0 = dict(s1=zero, s2=zero, sd=jnp.zeros((batch, k_out), out0f.dtype),
-                  sdd=jnp.zeros((batch, k_out, k_out), out0f.dtype), flips=zero, dloss=zero)
+                  sdd=jnp.zeros((batch, k_out, k_out), out0f.dtype), flips=zero, dloss=zero,
+                  correct=zero)
 
     def body(carry, inp):
         ks, m = inp
@@ -160,12 +161,15 @@ def _sampled_core(struct, params, rest, x, labels, key, law, *, site, num_sample
             sdd=carry["sdd"] + jnp.einsum("s,sbk,sbl->bkl", m, d, d),
             flips=carry["flips"],
             dloss=carry["dloss"],
+            correct=carry["correct"],
         )
         if classify:
             flip = (jnp.argmax(outs, -1) != pred0[None]).astype(d.dtype)
             new["flips"] = carry["flips"] + jnp.sum(mm * flip, 0)
             dl = _cross_entropy(outs, lab[None]) - loss0[None]
             new["dloss"] = carry["dloss"] + jnp.sum(mm * dl, 0)
+            hit = (jnp.argmax(outs, -1) == lab[None]).astype(d.dtype)
+            new["correct"] = carry["correct"] + jnp.sum(mm * hit, 0)
         return new, nrm
 
     carry, norms = jax.lax.scan(body, carry0, (keys, mask))
@@ -184,6 +188,7 @@ def _sampled_core(struct, params, rest, x, labels, key, law, *, site, num_sample
         delta_cov=carry["sdd"] / n - dmean[:, :, None] * dmean[:, None, :],
         flip_rate=carry["flips"] / n if classify else None,
         loss_change=carry["dloss"] / n if classify else None,
+        accuracy=carry["correct"] / n if classify and labels is not None else None,
     )
     return res
 
@@ -238,7 +243,7 @@ def sampled(
 
     Returns:
       A :class:`Deviation` with mean, rms, stderr, quantiles, delta_mean, delta_cov and,
-      for vector outputs, flip_rate and loss_change.
+      for vector outputs, flip_rate and loss_change (and accuracy when labels are given).
 
     Raises:
       ValueError: unknown site, bad noise level, input shape mismatch, non-finite input,
@@ -512,6 +517,7 @@ def _batch_summary(dev: Deviation, scale: float = 1.0) -> dict:
         "flip_rate": float("nan") if dev.flip_rate is None else float(jnp.mean(dev.flip_rate)),
         "loss_change": float("nan") if dev.loss_change is None
         else float(jnp.mean(dev.loss_change)),
+        "accuracy": float("nan") if dev.accuracy is None else float(jnp.mean(dev.accuracy)),
         "upper": float("nan") if dev.upper is None else float(jnp.mean(dev.upper)),
         "factor": float("nan") if dev.factor is None else float(jnp.mean(dev.factor)),
     }

@@ -14,7 +14,7 @@ __all__ = ["Deviation"]
     jax.tree_util.register_dataclass,
     data_fields=[
         "mean", "rms", "stderr", "quantiles", "delta_mean", "delta_cov", "flip_rate",
-        "loss_change", "upper", "factor",
+        "loss_change", "accuracy", "upper", "factor",
     ],
     meta_fields=[
         "estimator", "site", "law", "num_samples", "quantile_levels", "almost_sure",
@@ -38,6 +38,8 @@ class Deviation:
       delta_cov: ``(B, k, k)`` Cov ΔF (linearized: J C Jᵀ).
       flip_rate: ``(B,)`` fraction of draws whose arg-max output changes (sampled).
       loss_change: ``(B,)`` mean change of the cross-entropy loss (sampled).
+      accuracy: ``(B,)`` fraction of draws classified as the given label (sampled, with
+        labels).
       upper: ``(B,)`` certified bound on ‖ΔF‖ (bound only): for every draw when
         ``almost_sure``, else on the root mean square (Gaussian laws).
       factor: ``(B,)`` sensitivity factor ‖v‖·‖J‖_F/√n of the site (linearized).
@@ -58,6 +60,7 @@ class Deviation:
     delta_cov: jax.Array | None = None
     flip_rate: jax.Array | None = None
     loss_change: jax.Array | None = None
+    accuracy: jax.Array | None = None
     upper: jax.Array | None = None
     factor: jax.Array | None = None
     estimator: str = ""

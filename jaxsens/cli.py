@@ -1,0 +1,129 @@
+"""The ``jaxsens`` command line: run, sweep, report, list.
+
+User mistakes (bad config, bad override, missing files) print one line to stderr and
+exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+from .config import ConfigError, builtin_experiments, load_config, read_yaml, resolve_source
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="jaxsens",
+        description="Differentiable sensitivity experiments: sampled, predicted and bounded "
+        "output deviations of neural networks under noise.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run an experiment (default: noise_propagation)")
+    r.add_argument("config", nargs="?", help="a YAML config or a built-in experiment name")
+    r.add_argument("--out", help="run directory (default: output.dir or runs/NAME)")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.epochs=3 (repeatable)")
+    r.add_argument("--quiet", action="store_true", help="no progress output")
+    s = sub.add_parser("sweep", help="run one experiment per point of a parameter grid")
+    s.add_argument("config", help="a YAML config or a built-in experiment name")
+    s.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                   required=True, help="a swept field and its values (repeatable)")
+    s.add_argument("--out", help="parent directory of the run directories "
+                   "(default: runs/NAME-sweep)")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--quiet", action="store_true")
+    rp = sub.add_parser("report", help="re-render figures and report.md from a run directory")
+    rp.add_argument("run_dir")
+    sub.add_parser("list", help="list the built-in experiments")
+    return p
+
+
+def _cmd_run(args) -> int:
+    from .runner import run_experiment
+
+    cfg = load_config(args.config, args.overrides)
+    res = run_experiment(cfg, args.out, quiet=args.quiet)
+    print(res["summary"])
+    print(f"\nresults: {res['run_dir']}/results.json  report: {res['run_dir']}/report.md")
+    return 0
+
+
+def _slug(value: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in value)
+
+
+def _cmd_sweep(args) -> int:
+    from .runner import run_experiment
+
+    axes = []
+    for g in args.grid:
+        if "=" not in g or not g.split("=", 1)[1]:
+            raise ConfigError(f"--grid {g!r} must look like key.path=v1,v2,...")
+        k, vals = g.split("=", 1)
+        axes.append([(k, v) for v in vals.split(",")])
+    base = load_config(args.config, args.overrides)
+    parent = Path(args.out or Path("runs") / f"{base.name}-sweep")
+    points = list(itertools.product(*axes))
+    # Validate every point before any work starts.
+    cfgs = [load_config(args.config, [*args.overrides, *(f"{k}={v}" for k, v in pt)])
+            for pt in points]
+    for pt, cfg in zip(points, cfgs, strict=True):
+        name = "__".join(f"{_slug(k)}={_slug(v)}" for k, v in pt)
+        run_dir = parent / name
+        if (run_dir / "results.json").exists() and (run_dir / "report.md").exists():
+            print(f"[skip] {name}: finished", file=sys.stderr)
+            continue
+        print(f"[run] {name}", file=sys.stderr)
+        res = run_experiment(cfg, run_dir, quiet=args.quiet)
+        print(f"== {name}\n{res['summary']}\n")
+    print(f"sweep: {len(points)} points under {parent}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .report import render_report
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "results.json").is_file():
+        raise ConfigError(f"{args.run_dir!r} is not a finished jaxsens run (no results.json)")
+    cfg_file = run_dir / "config.yaml"
+    figures = report = True
+    if cfg_file.is_file():
+        out = (read_yaml(cfg_file).get("output") or {})
+        figures, report = out.get("figures", True), out.get("report", True)
+    print(render_report(run_dir, figures=figures, report=report))
+    return 0
+
+
+def _cmd_list(args) -> int:
+    for name, path in builtin_experiments().items():
+        desc = (read_yaml(path).get("description") or "").strip().splitlines()
+        print(f"{name:<28} {desc[0] if desc else ''}")
+    return 0
+
+
+_COMMANDS = {"run": _cmd_run, "sweep": _cmd_sweep, "report": _cmd_report, "list": _cmd_list}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command in ("run", "sweep") and args.config is not None:
+            resolve_source(args.config)
+        return _COMMANDS[args.command](args)
+    except ConfigError as err:
+        print(f"jaxsens: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("jaxsens: interrupted; finished steps are saved, re-run to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

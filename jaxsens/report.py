@@ -1,0 +1,252 @@
+"""Figures and a human-readable report from a run directory's ``results.json``.
+
+``render_report(run_dir)`` only reads saved results, so ``jaxsens report RUN_DIR``
+re-renders without recomputing anything.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from .io import atomic_write_bytes, atomic_write_text
+
+__all__ = ["render_report", "summary_table"]
+
+
+def _num(v, fmt="{:.4g}") -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    return fmt.format(v)
+
+
+def _by(records, *keys):
+    out = defaultdict(list)
+    for r in records:
+        out[tuple(r[k] for k in keys)].append(r)
+    return out
+
+
+def _rows(records):
+    """{(site, level): {estimator: record}} preserving site order."""
+    table: dict = {}
+    for r in records:
+        table.setdefault((r["site"], r["level"]), {})[r["estimator"]] = r
+    return table
+
+
+def _sites(records):
+    seen = []
+    for r in records:
+        if r["site"] not in seen:
+            seen.append(r["site"])
+    return seen
+
+
+def _figure_bytes(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _figures(run_dir: Path, analysis: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = analysis["records"]
+    sites = _sites(recs)
+    table = _rows(recs)
+    levels = sorted({r["level"] for r in recs})
+    name = analysis["name"]
+    made = []
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for i, s in enumerate(sites):
+        c = colors[i % len(colors)]
+        lv = [lv for lv in levels if (s, lv) in table]
+        smp = [table[(s, lv)].get("sampled") for lv in lv]
+        if all(smp):
+            ax.plot(lv, [r["mean"] for r in smp], "o-", color=c, label=f"{s} sampled")
+            if all("q05" in r and "q95" in r for r in smp):
+                ax.fill_between(lv, [r["q05"] for r in smp], [r["q95"] for r in smp],
+                                color=c, alpha=0.15, linewidth=0)
+        lin = [table[(s, lv)].get("linearized") for lv in lv]
+        if all(lin):
+            ax.plot(lv, [r["mean"] for r in lin], "--", color=c, label=f"{s} predicted")
+        bnd = [table[(s, lv)].get("bound") for lv in lv]
+        if all(bnd):
+            ax.plot(lv, [r["upper"] for r in bnd], ":", color=c, alpha=0.7, label=f"{s} bound")
+    if any(lv > 0 for lv in levels):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    ax.set_xlabel("noise level ε")
+    ax.set_ylabel("E‖F(x+η) − F(x)‖ (band: 5–95% of draws)")
+    ax.set_title(f"{name}: output deviation vs noise level")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3, which="both")
+    path = run_dir / "figures" / f"{name}_deviation.png"
+    atomic_write_bytes(path, _figure_bytes(fig))
+    plt.close(fig)
+    made.append(path.name)
+
+    factors = []
+    for s in sites:
+        lin = [r for r in recs if r["site"] == s and r["estimator"] == "linearized"]
+        if lin and lin[0].get("factor") is not None:
+            factors.append((s, lin[0]["factor"]))
+    if factors:
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        ax.bar([s for s, _ in factors], [f for _, f in factors], color=colors[0])
+        ax.set_ylabel("‖h‖·‖J‖_F/√n")
+        ax.set_title(f"{name}: per-site sensitivity factor (rms deviation per unit ε)")
+        ax.tick_params(axis="x", rotation=30)
+        path = run_dir / "figures" / f"{name}_factor.png"
+        atomic_write_bytes(path, _figure_bytes(fig))
+        plt.close(fig)
+        made.append(path.name)
+
+    acc = [(s, [(lv, table[(s, lv)]["sampled"].get("accuracy")) for lv in levels
+                if (s, lv) in table and "sampled" in table[(s, lv)]]) for s in sites]
+    if any(v is not None for _, pts in acc for _, v in pts):
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        for i, (s, pts) in enumerate(acc):
+            pts = [(lv, v) for lv, v in pts if v is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-",
+                        color=colors[i % len(colors)], label=s)
+        ax.set_xlabel("noise level ε")
+        ax.set_ylabel("accuracy under noise")
+        ax.set_title(f"{name}: accuracy vs noise level")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        path = run_dir / "figures" / f"{name}_accuracy.png"
+        atomic_write_bytes(path, _figure_bytes(fig))
+        plt.close(fig)
+        made.append(path.name)
+    return made
+
+
+def _analysis_markdown(analysis: dict, clean_acc: float | None, figures: list[str]) -> str:
+    recs = analysis["records"]
+    table = _rows(recs)
+    sites = _sites(recs)
+    levels = sorted({r["level"] for r in recs})
+    law = recs[0]["law"].rsplit(" ", 1)[0] if recs else ""
+    lines = [f"## {analysis['name']} ({analysis['kind']}, {law})", ""]
+    lines += [
+        "| site | ε | sampled E‖ΔF‖ ± se | predicted | sampled/predicted | bound | "
+        "bound/sampled | accuracy | flip rate |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in sites:
+        for lv in levels:
+            row = table.get((s, lv))
+            if not row:
+                continue
+            smp, lin, bnd = row.get("sampled"), row.get("linearized"), row.get("bound")
+            ratio = (smp["mean"] / lin["mean"]) if smp and lin and lin["mean"] else None
+            loose = (bnd["upper"] / smp["mean"]) if smp and bnd and smp["mean"] else None
+            lines.append(
+                f"| {s} | {lv:g} | "
+                f"{_num(smp and smp['mean'])} ± {_num(smp and smp['stderr'], '{:.2g}')} | "
+                f"{_num(lin and lin['mean'])} | {_num(ratio, '{:.3f}')} | "
+                f"{_num(bnd and bnd['upper'])} | {_num(loose, '{:.1f}')}× | "
+                f"{_num(smp and smp.get('accuracy'), '{:.3f}')} | "
+                f"{_num(smp and smp.get('flip_rate'), '{:.3f}')} |"
+            )
+    lines.append("")
+    factors = {}
+    for s in sites:
+        lin = [r for r in recs if r["site"] == s and r["estimator"] == "linearized"]
+        if lin and lin[0].get("factor") is not None:
+            factors[s] = lin[0]["factor"]
+    if factors:
+        lo = min(factors, key=factors.get)
+        hi = max(factors, key=factors.get)
+        lines += [
+            "**Which sites are resistant, and why.** To first order the mean-square output "
+            "change is ε² · factor², with factor = ‖h‖·‖J‖_F/√n: the site's root-mean-square "
+            "value times the Frobenius norm of the Jacobian from the site to the output. "
+            f"Here the most resistant site is **{lo}** (factor {factors[lo]:.4g}) and the "
+            f"most sensitive is **{hi}** (factor {factors[hi]:.4g}), a ratio of "
+            f"{factors[hi] / factors[lo]:.3g}.",
+            "",
+            "| site | factor |",
+            "|---|---|",
+            *[f"| {s} | {f:.4g} |" for s, f in factors.items()],
+            "",
+        ]
+    mid = [lv for lv in levels if any((s, lv) in table for s in sites)]
+    if mid and clean_acc is not None:
+        lv = min(mid, key=lambda v: abs(v - 0.05))
+        accs = {s: table[(s, lv)]["sampled"].get("accuracy") for s in sites
+                if (s, lv) in table and "sampled" in table[(s, lv)]}
+        accs = {s: a for s, a in accs.items() if a is not None}
+        if accs:
+            worst = min(accs, key=accs.get)
+            n = analysis.get("num_examples")
+            lines += [f"On the {n} analysed test examples (clean accuracy {clean_acc:.3f}), "
+                      f"noise at ε = {lv:g} lowers the accuracy most when it enters "
+                      f"**{worst}** ({accs[worst]:.3f}).", ""]
+    lines += [f"![{f}](figures/{f})" for f in figures]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def summary_table(results: dict) -> str:
+    """A compact terminal table: one line per (analysis, site) at the level nearest 5%."""
+    out = [f"{'analysis':<18} {'site':<18} {'ε':>6} {'sampled':>10} {'predicted':>10} "
+           f"{'bound':>10} {'accuracy':>9}"]
+    for a in results.get("analyses", []):
+        table = _rows(a["records"])
+        levels = sorted({r["level"] for r in a["records"]})
+        if not levels:
+            continue
+        lv = min(levels, key=lambda v: abs(v - 0.05))
+        for s in _sites(a["records"]):
+            row = table.get((s, lv), {})
+            smp, lin, bnd = row.get("sampled"), row.get("linearized"), row.get("bound")
+            out.append(
+                f"{a['name']:<18.18} {s:<18.18} {lv:>6g} {_num(smp and smp['mean']):>10} "
+                f"{_num(lin and lin['mean']):>10} {_num(bnd and bnd['upper']):>10} "
+                f"{_num(smp and smp.get('accuracy'), '{:.3f}'):>9}"
+            )
+    return "\n".join(out)
+
+
+def render_report(run_dir: str | Path, *, figures: bool = True, report: bool = True) -> str:
+    """Write figures and ``report.md`` for ``run_dir``; return the terminal summary."""
+    run_dir = Path(run_dir)
+    res_file = run_dir / "results.json"
+    if not res_file.is_file():
+        raise ValueError(f"{str(run_dir)!r} is not a finished jaxsens run (no results.json)")
+    results = json.loads(res_file.read_text())
+    clean = results.get("clean_test_accuracy")
+    parts = [f"# {results.get('name', 'experiment')}", ""]
+    if results.get("description"):
+        parts += [results["description"].strip(), ""]
+    d, m = results.get("data", {}), results.get("model", {})
+    parts += [
+        f"- data: {d.get('name')} ({d.get('n_train')} train / {d.get('n_test')} test, input "
+        f"{tuple(d.get('input_shape', []))})",
+        f"- model: {m.get('kind')} widths {m.get('widths')} activation {m.get('activation')}",
+        f"- clean test accuracy: {_num(clean, '{:.4f}')}",
+        f"- seed: {results.get('seed')}",
+        "",
+        "Three answers side by side: **sampled** (Monte Carlo mean of ‖ΔF‖ with its standard "
+        "error), **predicted** (exact E‖Jη‖ of the linearized network) and **bound** "
+        "(certified Lipschitz bound; for Gaussian laws a bound on the rms).",
+        "",
+    ]
+    for a in results.get("analyses", []):
+        figs = _figures(run_dir, a) if figures else []
+        parts.append(_analysis_markdown(a, a.get("clean_accuracy"), figs))
+    if report:
+        atomic_write_text(run_dir / "report.md", "\n".join(parts))
+    return summary_table(results)

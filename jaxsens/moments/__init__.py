@@ -1,0 +1,15 @@
+"""Analytic moments of ReLU networks under Gaussian input (DESIGN section 3.4)."""
+
+from ._gaussian import GaussianMoments as GaussianMoments
+from ._gaussian import affine_relu_affine as affine_relu_affine
+from ._gaussian import affine_relu_affine_zero_mean_cov as affine_relu_affine_zero_mean_cov
+from ._gaussian import bivariate_normal_cdf as bivariate_normal_cdf
+from ._gaussian import owens_t as owens_t
+from ._gaussian import relu_cross_moment as relu_cross_moment
+from ._gaussian import relu_cross_moment_zero_mean as relu_cross_moment_zero_mean
+from ._gaussian import relu_mean as relu_mean
+from ._gaussian import relu_moments as relu_moments
+from ._gaussian import relu_second_moment as relu_second_moment
+
+# Deep-network functions (two-stage linearization, layerwise propagation) will be added
+# from another module later.

@@ -1,0 +1,498 @@
+"""Differentiable robustness losses, optax-style: per-example arrays out, reduced by the caller.
+
+Every loss term is a frozen (hashable) dataclass implementing the :class:`LossTerm` protocol
+
+    term(struct, params, rest, x, y, key) -> Float[Array, "batch"]
+
+on the pure function of a split model (:class:`jaxsens.sites.Structure`), so terms compose
+inside one jitted, differentiated train step. Hyperparameters are keyword-only fields;
+randomness comes only from ``key``.
+
+Terms:
+  * :class:`CrossEntropy` — softmax cross-entropy with integer labels.
+  * :class:`NoiseLoss` — sampled-noise loss (reparameterized draws of a noise law at a site):
+    the output deviation ‖F(x; site + η) − F(x)‖², or the cross-entropy of the noisy
+    forward pass (noise-injection training).
+  * :class:`JacobianPenalty` — Hoffman, Roberts & Yaida (2019): ‖J‖_F² ≈ k ‖vᵀJ‖² with
+    random unit projections v (DESIGN §3.7).
+  * :class:`LinearizedPenalty` — the exact first-order mean-square deviation
+    E‖Jη‖² = tr(J C Jᵀ) of :func:`jaxsens.linearized` (DESIGN §3.2).
+
+Configs choose terms through the explicit registry :data:`LOSSES` and :func:`make_loss`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Float, Int
+
+from . import noise as noise_lib
+from .estimators._core import _sandwiches
+from .sites import INPUT, Structure
+
+__all__ = [
+    "LossTerm",
+    "CrossEntropy",
+    "NoiseLoss",
+    "JacobianPenalty",
+    "LinearizedPenalty",
+    "WeightedSum",
+    "total_loss",
+    "term_names",
+    "LOSSES",
+    "make_loss",
+]
+
+
+# --------------------------------------------------------------------------- helpers
+def _as_input(struct: Structure, x: jax.Array) -> jax.Array:
+    """``x`` reshaped to ``(batch, *struct.input_shape)`` when only the layout differs."""
+    want = struct.input_shape
+    if tuple(x.shape[1:]) == want:
+        return x
+    if math.prod(x.shape[1:]) != math.prod(want):
+        raise ValueError(
+            f"x has per-example shape {tuple(x.shape[1:])} but the model takes {want}"
+        )
+    return x.reshape(x.shape[0], *want)
+
+
+def _param_value(params, path):
+    node = params
+    for p in path:
+        node = node[p]
+    return node.get_value() if hasattr(node, "get_value") else node
+
+
+def _float_dtype(params, x: jax.Array):
+    """The dtype the forward pass computes in (inputs promoted with the parameters)."""
+    leaves = [a for a in jax.tree.leaves(params) if jnp.issubdtype(a.dtype, jnp.floating)]
+    return jnp.result_type(x.dtype, *[a.dtype for a in leaves])
+
+
+def _check_site_law(struct: Structure, site: str, law: noise_lib.NoiseLaw):
+    info = struct.site(site)
+    if info.kind not in law.applies_to:
+        raise ValueError(
+            f"noise {type(law).__name__} cannot be used at {info.kind} site {site!r}; it "
+            f"applies to {', '.join(law.applies_to)} sites"
+        )
+    return info
+
+
+def _check_int(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_law(owner: str, law) -> None:
+    if not isinstance(law, noise_lib.NoiseLaw):
+        raise ValueError(
+            f"{owner} noise must be a law from jaxsens.noise ({', '.join(noise_lib.LAWS)}), "
+            f"got {type(law).__name__}"
+        )
+
+
+def _flat_logits(struct: Structure, params, rest, x: jax.Array) -> jax.Array:
+    out = struct.apply(params, rest, x)
+    return out.reshape(out.shape[0], -1)
+
+
+# --------------------------------------------------------------------------- protocol
+class LossTerm:
+    """Base class (protocol) of the loss terms.
+
+    Subclasses are frozen dataclasses with a class-level ``name`` (the registry key) and
+
+        __call__(struct, params, rest, x, y, key) -> Float[Array, "batch"]
+
+    where ``struct`` is a :class:`jaxsens.sites.Structure`, ``params``/``rest`` its arrays,
+    ``x`` inputs ``(batch, *input_shape)`` (or any layout with the same size per example),
+    ``y`` integer labels ``(batch,)`` and ``key`` a JAX PRNG key. The result is one loss
+    value per example; reduce it (mean) in the caller.
+    """
+
+    name: ClassVar[str] = "term"
+
+    def check(self, struct: Structure) -> None:
+        """Raise a one-line ValueError if the term does not fit the model (before tracing)."""
+
+    def __call__(
+        self,
+        struct: Structure,
+        params: Any,
+        rest: Any,
+        x: Float[Array, "batch ..."],
+        y: Int[Array, " batch"],
+        key: jax.Array,
+    ) -> Float[Array, " batch"]:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- terms
+@dataclasses.dataclass(frozen=True)
+class CrossEntropy(LossTerm):
+    """Softmax cross-entropy with integer labels.
+
+    ``optax.softmax_cross_entropy_with_integer_labels`` on the flattened outputs.
+
+    Returns:
+      ``(batch,)``: −log softmax(F(x))_y per example.
+    """
+
+    name: ClassVar[str] = "cross_entropy"
+
+    def __call__(self, struct, params, rest, x, y, key):
+        del key
+        logits = _flat_logits(struct, params, rest, _as_input(struct, x))
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NoiseLoss(LossTerm):
+    """Sampled-noise loss: reparameterized draws η of ``noise`` at ``site``.
+
+    With S = ``num_samples`` draws η_s (gradients flow through the draws, whose scale may
+    depend on the clean value, e.g. relative-norm noise):
+
+      * ``target="output"``: (1/S) Σ_s ‖F(x; site + η_s) − F(x)‖²  (the mean-square output
+        deviation; its expectation is ≈ :class:`LinearizedPenalty` for small noise);
+      * ``target="ce"``: (1/S) Σ_s CE(F(x; site + η_s), y)  (noise-injection training).
+
+    Input and activation sites get independent draws per example (``fold_in`` of the
+    sample key with the example index); a weight site gets one Δ per sample, shared by the
+    whole batch.
+
+    Attributes:
+      site: ``"input"``, an activation site or a weight path.
+      noise: a law from :mod:`jaxsens.noise`.
+      num_samples: draws per example (per batch for weight sites).
+      target: ``"output"`` or ``"ce"``.
+
+    Returns:
+      ``(batch,)`` per-example loss.
+    """
+
+    name: ClassVar[str] = "noise"
+
+    site: str
+    noise: noise_lib.NoiseLaw
+    num_samples: int = 1
+    target: Literal["output", "ce"] = "output"
+
+    def __post_init__(self):
+        if not isinstance(self.site, str):
+            raise ValueError(f"NoiseLoss site must be a site name, got {self.site!r}")
+        _check_law("NoiseLoss", self.noise)
+        _check_int("NoiseLoss num_samples", self.num_samples)
+        if self.target not in ("output", "ce"):
+            raise ValueError(f"NoiseLoss target must be 'output' or 'ce', got {self.target!r}")
+
+    def check(self, struct):
+        _check_site_law(struct, self.site, self.noise)
+
+    def __call__(self, struct, params, rest, x, y, key):
+        info = _check_site_law(struct, self.site, self.noise)
+        x = _as_input(struct, x)
+        batch = x.shape[0]
+        keys = jax.random.split(key, self.num_samples)
+        if info.kind == "activation":
+            out0, values = struct.apply(params, rest, x, return_values=True)
+        else:
+            out0, values = struct.apply(params, rest, x), {}
+        out0 = out0.reshape(batch, -1)
+
+        if info.kind == "weight":
+            w = _param_value(params, info.path)
+
+            def noisy(k):
+                return struct.apply(params, rest, x, {self.site: self.noise.sample(k, w)})
+        else:
+            h = x if info.kind == "input" else values[self.site]
+            ex = jnp.arange(batch)
+
+            def noisy(k):
+                eta = jax.vmap(lambda i, hb: self.noise.sample(jax.random.fold_in(k, i), hb))(
+                    ex, h)
+                return struct.apply(params, rest, x, {self.site: eta})
+
+        # vmapped over draws with params and x unbatched: the prefix before the site is
+        # computed once (DESIGN §2, prefix reuse).
+        outs = jax.vmap(noisy)(keys).reshape(self.num_samples, batch, -1)
+        if self.target == "output":
+            per = jnp.sum(jnp.square(outs - out0[None]), axis=-1)
+        else:
+            per = jax.vmap(lambda o: optax.softmax_cross_entropy_with_integer_labels(o, y))(outs)
+        return jnp.mean(per, axis=0)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class JacobianPenalty(LossTerm):
+    """Squared Frobenius norm of the Jacobian ∂F/∂(site), by random projections.
+
+    Hoffman, Roberts & Yaida (2019): for v uniform on the unit sphere of R^k,
+    E[v vᵀ] = I/k, so ‖J‖_F² = tr(Jᵀ E[v vᵀ] J)·k = k · E_v ‖vᵀJ‖². Each projection costs
+    one vector-Jacobian product; the estimate is unbiased for any number of projections P
+    (its variance is 2k/(k+2) (tr(A²) − tr(A)²/k) / P with A = J Jᵀ).
+
+    For the input or an activation site one batched VJP with a per-example v gives every
+    example's vᵀJ_b (examples do not interact). For a weight site the Jacobian of each
+    example is taken separately (vmapped per-example VJPs).
+
+    Attributes:
+      site: ``"input"`` (default), an activation site or a weight path.
+      num_projections: P, the number of random projections per example.
+
+    Returns:
+      ``(batch,)``: the estimate of ‖∂F(x_b)/∂(site)‖_F² per example.
+
+    References:
+      Hoffman, Roberts, Yaida, "Robust learning with Jacobian regularization", 2019.
+    """
+
+    name: ClassVar[str] = "jacobian"
+
+    site: str = INPUT
+    num_projections: int = 1
+
+    def __post_init__(self):
+        if not isinstance(self.site, str):
+            raise ValueError(f"JacobianPenalty site must be a site name, got {self.site!r}")
+        _check_int("JacobianPenalty num_projections", self.num_projections)
+
+    def check(self, struct):
+        struct.site(self.site)
+
+    def __call__(self, struct, params, rest, x, y, key):
+        del y
+        info = struct.site(self.site)
+        x = _as_input(struct, x)
+        batch = x.shape[0]
+        dtype = _float_dtype(params, x)
+        k = math.prod(struct.output_shape)
+        v = jax.random.normal(key, (self.num_projections, batch, k), dtype)
+        v = v / jnp.linalg.norm(v, axis=-1, keepdims=True)
+
+        if info.kind == "weight":
+            w = _param_value(params, info.path)
+
+            def per_example(x1, v1):
+                def f(d):
+                    return struct.apply_one(params, rest, x1, {self.site: d}).reshape(-1)
+
+                _, vjp = jax.vjp(f, jnp.zeros_like(w))
+                (g,) = jax.vmap(vjp)(v1)  # (P, *w.shape)
+                return jnp.sum(jnp.square(g.reshape(self.num_projections, -1)), axis=-1)
+
+            sq = jax.vmap(per_example, in_axes=(0, 1), out_axes=1)(x, v)  # (P, batch)
+        else:
+            def f(d):
+                return struct.apply(params, rest, x, {self.site: d}).reshape(batch, -1)
+
+            _, vjp = jax.vjp(f, jnp.zeros((batch, *info.shape), dtype))
+            (g,) = jax.vmap(vjp)(v)  # (P, batch, *site_shape)
+            sq = jnp.sum(jnp.square(g.reshape(self.num_projections, batch, -1)), axis=-1)
+        return k * jnp.mean(sq, axis=0)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LinearizedPenalty(LossTerm):
+    """The first-order mean-square output deviation under ``noise`` at ``site``.
+
+    E‖Jη‖² = tr(J C Jᵀ) with J = ∂F/∂(site) at the clean point and C = E[ηηᵀ] from the
+    law — exactly ``jaxsens.linearized(...).rms ** 2`` — as a differentiable loss. For
+    isotropic C = s² I it is s² ‖J‖_F² (for relative-norm noise s depends on the clean
+    value, and the gradient flows through it). Costs k VJPs per example (k outputs).
+
+    Attributes:
+      site: ``"input"``, an activation site or a weight path.
+      noise: a law from :mod:`jaxsens.noise`.
+
+    Returns:
+      ``(batch,)``: tr(J C Jᵀ) per example.
+    """
+
+    name: ClassVar[str] = "linearized"
+
+    site: str
+    noise: noise_lib.NoiseLaw
+
+    def __post_init__(self):
+        if not isinstance(self.site, str):
+            raise ValueError(f"LinearizedPenalty site must be a site name, got {self.site!r}")
+        _check_law("LinearizedPenalty", self.noise)
+
+    def check(self, struct):
+        _check_site_law(struct, self.site, self.noise)
+
+    def __call__(self, struct, params, rest, x, y, key):
+        del y, key
+        _check_site_law(struct, self.site, self.noise)
+        x = _as_input(struct, x)
+        x = x.astype(_float_dtype(params, x))
+        # The estimator's own jitted core (check_inputs in jaxsens.linearized reads concrete
+        # values, which a traced train step does not have). chunk = batch: fully vmapped.
+        ((m, _, _),) = _sandwiches(struct, params, rest, x, (self.noise,),
+                                   sites=(self.site,), chunk=x.shape[0])
+        return jnp.trace(m, axis1=-2, axis2=-1)
+
+
+# --------------------------------------------------------------------------- combining
+def _normalize_terms(terms) -> tuple[tuple[float, LossTerm], ...]:
+    if isinstance(terms, LossTerm):
+        terms = (terms,)
+    out = []
+    for item in terms:
+        if isinstance(item, LossTerm):
+            out.append((1.0, item))
+            continue
+        if (not isinstance(item, tuple | list) or len(item) != 2
+                or not isinstance(item[1], LossTerm)):
+            raise ValueError(
+                f"loss terms must be LossTerm objects or (weight, LossTerm) pairs, got {item!r}"
+            )
+        out.append((item[0], item[1]))
+    if not out:
+        raise ValueError("need at least one loss term, e.g. [(1.0, CrossEntropy())]")
+    return tuple(out)
+
+
+def term_names(terms: Sequence[tuple[float, LossTerm]] | Sequence[LossTerm]) -> tuple[str, ...]:
+    """Metric names of the terms: their registry names, ``_1``, ``_2`` ... for repeats."""
+    names: list[str] = []
+    seen: dict[str, int] = {}
+    for _, term in _normalize_terms(terms):
+        n = seen.get(term.name, 0)
+        seen[term.name] = n + 1
+        names.append(term.name if n == 0 else f"{term.name}_{n}")
+    return tuple(names)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightedSum(LossTerm):
+    """Σ_i w_i · term_i, per example.
+
+    Attributes:
+      terms: ``((weight, term), ...)``; a bare term has weight 1. Term ``i`` gets the key
+        ``fold_in(key, i)``.
+
+    Returns:
+      ``(batch,)`` weighted per-example sum.
+    """
+
+    name: ClassVar[str] = "weighted_sum"
+
+    terms: tuple[tuple[float, LossTerm], ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "terms", _normalize_terms(self.terms))
+
+    def check(self, struct):
+        for _, term in self.terms:
+            term.check(struct)
+
+    def parts(self, struct, params, rest, x, y, key) -> dict[str, jax.Array]:
+        """Every term's per-example values, by :func:`term_names`."""
+        return {
+            name: term(struct, params, rest, x, y, jax.random.fold_in(key, i))
+            for i, (name, (_, term)) in enumerate(zip(term_names(self.terms), self.terms,
+                                                      strict=True))
+        }
+
+    def __call__(self, struct, params, rest, x, y, key):
+        parts = self.parts(struct, params, rest, x, y, key)
+        return sum(w * p for (w, _), p in zip(self.terms, parts.values(), strict=True))
+
+
+def total_loss(
+    terms: Sequence[tuple[float, LossTerm]] | Sequence[LossTerm],
+    struct: Structure,
+    params: Any,
+    rest: Any,
+    x: Float[Array, "batch ..."],
+    y: Int[Array, " batch"],
+    key: jax.Array,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The scalar training objective Σ_i w_i · mean_b term_i(x_b) and each term's mean.
+
+    Args:
+      terms: ``[(weight, term), ...]`` (a bare term has weight 1).
+      struct: the model structure; ``params``, ``rest`` its arrays.
+      x: inputs ``(batch, ...)``; y: labels ``(batch,)``; key: PRNG key (term ``i`` gets
+        ``fold_in(key, i)``).
+
+    Returns:
+      ``(total, {name: batch mean of the unweighted term})`` with names from
+      :func:`term_names`.
+    """
+    ws = WeightedSum(tuple(terms))
+    parts = ws.parts(struct, params, rest, x, y, key)
+    means = {n: jnp.mean(p) for n, p in parts.items()}
+    total = sum(w * m for (w, _), m in zip(ws.terms, means.values(), strict=True))
+    return total, means
+
+
+# --------------------------------------------------------------------------- registry
+# Explicit name -> constructor mapping for configs (never getattr on a string). To add a
+# term: subclass LossTerm as a frozen dataclass with a `name` and register it here.
+LOSSES: dict[str, type[LossTerm]] = {
+    "cross_entropy": CrossEntropy,
+    "noise": NoiseLoss,
+    "jacobian": JacobianPenalty,
+    "linearized": LinearizedPenalty,
+}
+
+
+def _noise_from_config(value) -> noise_lib.NoiseLaw:
+    if isinstance(value, noise_lib.NoiseLaw):
+        return value
+    if isinstance(value, Mapping) and "law" in value:
+        spec = dict(value)
+        law = spec.pop("law")
+        if law not in noise_lib.LAWS:
+            raise ValueError(f"unknown noise law {law!r}; valid: {', '.join(noise_lib.LAWS)}")
+        try:
+            return noise_lib.LAWS[law](**spec)
+        except TypeError as err:
+            raise ValueError(f"noise law {law!r}: {err}") from None
+    raise ValueError(
+        f"noise must be a jaxsens.noise law or a mapping {{'law': name, ...}} with name one "
+        f"of {', '.join(noise_lib.LAWS)}; got {value!r}"
+    )
+
+
+def make_loss(name: str, **kwargs: Any) -> LossTerm:
+    """Build a registered loss term by name.
+
+    Args:
+      name: a key of :data:`LOSSES`.
+      **kwargs: the term's fields. ``noise`` may be a law object or a mapping
+        ``{"law": <name in jaxsens.noise.LAWS>, **law_kwargs}``.
+
+    Raises:
+      ValueError: unknown name, unknown or missing arguments, bad values (one line).
+    """
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; valid: {', '.join(LOSSES)}")
+    cls = LOSSES[name]
+    fields = [f.name for f in dataclasses.fields(cls) if f.init]
+    bad = sorted(set(kwargs) - set(fields))
+    if bad:
+        raise ValueError(
+            f"loss {name!r} got unknown argument(s) {bad}; valid: {fields or 'none'}"
+        )
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.init and f.name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"loss {name!r} needs argument(s) {missing}; valid: {fields}")
+    if "noise" in kwargs:
+        kwargs["noise"] = _noise_from_config(kwargs["noise"])
+    return cls(**kwargs)

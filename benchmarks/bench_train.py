@@ -1,8 +1,9 @@
 """Train-step cost of each robustness loss over plain cross-entropy (DESIGN §4).
 
 MLP 784-256-256-10, batch 128, Adam; the jitted step of :mod:`jaxsens.train` (parameters and
-optimizer state donated) on fixed random data. Each configuration is compiled and warmed up,
-then timed over several repeats of a block of steps; the median block gives the step time.
+optimizer state donated) on fixed random data. Every configuration is compiled and warmed up,
+then timed in blocks of steps, the configurations interleaved within each repeat; the median
+block gives the step time.
 Prints ratios (the numbers to compare across machines) and, for context, milliseconds.
 
     python benchmarks/bench_train.py [--quick]
@@ -35,33 +36,33 @@ def configurations():
     }
 
 
-def time_step(terms, *, steps: int, repeats: int, batch: int) -> float:
-    """Median seconds per training step."""
-    model = models.MLP(784, (256, 256), 10, rngs=nnx.Rngs(0))
-    pm = sites.split(model)
-    optimizer = tr.make_optimizer("adam", 1e-3)
-    step = jax.jit(tr.make_train_step(pm.structure, optimizer, terms), donate_argnums=(0, 1))
-    params = jax.tree.map(jnp.array, pm.params)
-    opt_state = optimizer.init(params)
-    kx, ky = jax.random.split(jax.random.key(0))
-    x = jax.random.normal(kx, (batch, 784))
-    y = jax.random.randint(ky, (batch,), 0, 10)
-    key = jax.random.key(1)
+class _Runner:
+    """One configuration's compiled step and its (donated) training state."""
 
-    def block(params, opt_state, n):
-        for s in range(n):
-            params, opt_state, m = step(params, opt_state, pm.rest, x, y,
-                                        jax.random.fold_in(key, s))
-        jax.block_until_ready((params, m))
-        return params, opt_state
+    def __init__(self, terms, batch: int):
+        model = models.MLP(784, (256, 256), 10, rngs=nnx.Rngs(0))
+        pm = sites.split(model)
+        optimizer = tr.make_optimizer("adam", 1e-3)
+        self.step = jax.jit(tr.make_train_step(pm.structure, optimizer, terms),
+                            donate_argnums=(0, 1))
+        self.rest = pm.rest
+        self.params = jax.tree.map(jnp.array, pm.params)
+        self.opt_state = optimizer.init(self.params)
+        kx, ky = jax.random.split(jax.random.key(0))
+        self.x = jax.random.normal(kx, (batch, 784))
+        self.y = jax.random.randint(ky, (batch,), 0, 10)
+        self.key = jax.random.key(1)
 
-    params, opt_state = block(params, opt_state, 3)  # compile + warm up
-    times = []
-    for _ in range(repeats):
+    def block(self, n: int) -> float:
+        """Seconds per step over ``n`` steps."""
         t0 = time.perf_counter()
-        params, opt_state = block(params, opt_state, steps)
-        times.append((time.perf_counter() - t0) / steps)
-    return statistics.median(times)
+        params, opt_state = self.params, self.opt_state
+        for s in range(n):
+            params, opt_state, m = self.step(params, opt_state, self.rest, self.x, self.y,
+                                             jax.random.fold_in(self.key, s))
+        jax.block_until_ready((params, m))
+        self.params, self.opt_state = params, opt_state
+        return (time.perf_counter() - t0) / n
 
 
 def main(argv=None) -> None:
@@ -73,8 +74,15 @@ def main(argv=None) -> None:
 
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
           f"MLP 784-256-256-10, batch {args.batch}, {repeats}x{steps} steps")
-    results = {name: time_step(terms, steps=steps, repeats=repeats, batch=args.batch)
-               for name, terms in configurations().items()}
+    runners = {name: _Runner(terms, args.batch) for name, terms in configurations().items()}
+    for runner in runners.values():
+        runner.block(3)  # compile + warm up
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    # Configurations interleaved within each repeat, so that load drifts hit all alike.
+    for _ in range(repeats):
+        for name, runner in runners.items():
+            times[name].append(runner.block(steps))
+    results = {name: statistics.median(t) for name, t in times.items()}
     base = results["cross-entropy"]
     print(f"{'loss':<30} {'ms/step':>9} {'ratio over CE':>14}")
     for name, t in results.items():

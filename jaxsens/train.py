@@ -35,12 +35,13 @@ import optax
 from flax import nnx
 
 from . import data as data_lib
-from .losses import LossTerm, _normalize_terms, term_names, total_loss
+from .losses import CrossEntropy, LossTerm, _normalize_terms, term_names, total_loss
 from .sites import PureModel, Structure, split
 
 __all__ = [
     "OPTIMIZERS",
     "SCHEDULES",
+    "TIME_KEYS",
     "TrainResult",
     "Checkpoint",
     "TrainingDiverged",
@@ -621,6 +622,11 @@ def _step_for(struct: Structure, optimizer, terms) -> Callable:
     return _cached_step(struct, optimizer, terms)
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)]))
+
+
 class _EpochSums:
     """Host-side running sums of one epoch's step metrics; raises on a non-finite step."""
 
@@ -697,8 +703,6 @@ def train(
         epoch; earlier checkpoints stay intact).
       ValueError: bad arguments, or a checkpoint directory written by a different run.
     """
-    from .losses import CrossEntropy
-
     terms = _normalize_terms([(1.0, CrossEntropy())] if loss_terms is None else loss_terms)
     names = term_names(terms)
     epochs = _check_int("epochs", epochs, 0)
@@ -740,6 +744,9 @@ def train(
             start = int(meta["epoch"])
             history = list(meta["history"])
 
+    # Fresh and restored state alike committed to their device: one jit cache entry for both.
+    params, opt_state = jax.tree.map(lambda a: jax.device_put(a, a.sharding),
+                                     (params, opt_state))
     step = _step_for(struct, optimizer, terms)
     evaluate = make_eval_fn(struct)
     index = np.arange(n_train)
@@ -766,7 +773,7 @@ def train(
             acc.add(*pending)
             sums, seen = acc.sums, acc.seen
             t_train = time.perf_counter() - t0
-            if not all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(params)):
+            if not bool(_all_finite(params)):
                 raise _diverged(epoch + 1, steps_per_epoch - 1, float("nan"), float("nan"),
                                 directory)
             test_loss, test_acc = _evaluate(evaluate, params, rest, x_test, y_test,

@@ -6,9 +6,9 @@ output move? Answered three ways on the same inputs: ``sampled`` (Monte Carlo),
 """
 
 from . import estimators as estimators
+from . import losses as losses
 from . import models as models
 from . import noise as noise
-from . import losses as losses
 from . import sites as sites
 from . import train as train
 from .estimators import Deviation as Deviation

@@ -8,6 +8,7 @@ output move? Answered three ways on the same inputs: ``sampled`` (Monte Carlo),
 from . import estimators as estimators
 from . import losses as losses
 from . import models as models
+from . import moments as moments
 from . import noise as noise
 from . import sites as sites
 from . import train as train
@@ -21,5 +22,8 @@ from .sites import activation_sites as activation_sites
 from .sites import activations as activations
 from .sites import split as split
 from .sites import weight_sites as weight_sites
+
+# The analytic-moments estimator; ``jaxsens.moments`` is the module of closed forms.
+propagate_moments = estimators.moments
 
 __version__ = "0.1.0"

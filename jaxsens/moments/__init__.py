@@ -10,6 +10,11 @@ from ._gaussian import relu_cross_moment_zero_mean as relu_cross_moment_zero_mea
 from ._gaussian import relu_mean as relu_mean
 from ._gaussian import relu_moments as relu_moments
 from ._gaussian import relu_second_moment as relu_second_moment
-
-# Deep-network functions (two-stage linearization, layerwise propagation) will be added
-# from another module later.
+from ._network import METHODS as METHODS
+from ._network import TwoStage as TwoStage
+from ._network import layerwise_moments as layerwise_moments
+from ._network import noncentral_norm_mean as noncentral_norm_mean
+from ._network import output_moments as output_moments
+from ._network import split_sites as split_sites
+from ._network import two_stage_linearization as two_stage_linearization
+from ._network import two_stage_moments as two_stage_moments

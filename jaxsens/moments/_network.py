@@ -1,0 +1,226 @@
+"""Moments of deep networks under Gaussian input (Bibi et al. 2018, DESIGN §3.4).
+
+* Two-stage linearization: split F = f₂ ∘ relu ∘ f₁ at a ReLU site; expand f₁ and f₂ to
+  first order at the clean input (A, c1 and B, c2) and apply the exact
+  Affine-ReLU-Affine moments.
+* Layerwise propagation: carry (mean, covariance) through every layer of the model's
+  chain — exact through affine maps, exact first and second moments through each ReLU
+  given a Gaussian pre-activation (full covariance), or with the covariance kept
+  diagonal.
+
+Both need the model's ``layer_chain()`` (the built-in models have one). Inputs are per
+example (no batch axis); the covariance is over the flattened input.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from ..models import ActivationStep, LinearStep, SiteStep
+from ..sites import INPUT, PureModel, split
+from ._gaussian import GaussianMoments, affine_relu_affine, relu_mean, relu_moments
+from ._gaussian import relu_second_moment as _relu_m2
+
+__all__ = [
+    "TwoStage",
+    "two_stage_linearization",
+    "split_sites",
+    "two_stage_moments",
+    "layerwise_moments",
+    "output_moments",
+    "METHODS",
+]
+
+METHODS = ("two_stage", "layerwise_full", "layerwise_diag")
+
+
+class TwoStage(NamedTuple):
+    """F(x) ≈ B relu(A x + c1) + c2 around a clean input (x flattened).
+
+    Attributes:
+      A: ``(p, d)`` Jacobian of the pre-activation at the split w.r.t. the input.
+      c1: ``(p,)`` so that A x0 + c1 is the clean pre-activation.
+      B: ``(k, p)`` Jacobian of the output w.r.t. the split's ReLU output.
+      c2: ``(k,)`` so that B relu(z0) + c2 is the clean output.
+    """
+
+    A: Float[Array, "p d"]
+    c1: Float[Array, " p"]
+    B: Float[Array, "k p"]
+    c2: Float[Array, " k"]
+
+
+def _kernel(params, path: str):
+    node = params
+    for p in path.split("/"):
+        node = node[int(p) if p.isdigit() else p]
+    return node.get_value() if hasattr(node, "get_value") else node
+
+
+def split_sites(pm: PureModel) -> tuple[str, ...]:
+    """Activation sites usable as a two-stage split: ``site = relu(dense(previous site))``."""
+    chain = pm.structure.chain or ()
+    out = []
+    for i in range(3, len(chain)):
+        prev, lin, act, site = chain[i - 3:i + 1]
+        if (isinstance(prev, SiteStep) and isinstance(lin, LinearStep) and lin.kind == "dense"
+                and isinstance(act, ActivationStep) and act.name == "relu"
+                and isinstance(site, SiteStep)):
+            out.append(site.name)
+    return tuple(out)
+
+
+def _split_step(pm: PureModel, split_at: str | None):
+    chain = pm.structure.chain
+    if chain is None:
+        raise ValueError("two-stage moments need the model's layer_chain() (as jaxsens.models "
+                         "MLP and LeNet provide)")
+    allowed = split_sites(pm)
+    if not allowed:
+        raise ValueError("the model has no ReLU site of the form relu(dense(previous site)) to "
+                         "split at")
+    name = allowed[-1] if split_at is None else split_at
+    if name not in allowed:
+        raise ValueError(f"split={name!r} is not a ReLU site after a dense layer; allowed: "
+                         f"{list(allowed)}")
+    for i, step in enumerate(chain):
+        if isinstance(step, SiteStep) and step.name == name:
+            return name, chain[i - 3].name, chain[i - 2]
+    raise AssertionError("unreachable")
+
+
+def two_stage_linearization(model, x1: jax.Array, *, split_at: str | None = None) -> TwoStage:
+    """First-order expansions of the two halves of the network around ``x1``.
+
+    Args:
+      model: an NNX module or ``PureModel`` with a layer chain.
+      x1: one clean input (no batch axis).
+      split_at: the ReLU site to split at (default: the last one).
+    """
+    pm = split(model)
+    site, prev, lin = _split_step(pm, split_at)
+    struct, params, rest = pm.structure, pm.params, pm.rest
+    x_shape = x1.shape
+    xf = x1.reshape(-1)
+
+    def pre_activation(xv):
+        _, vals = struct.apply_one(params, rest, xv.reshape(x_shape), return_values=True)
+        h = xv.reshape(x_shape) if prev == INPUT else vals[prev]
+        z = h.reshape(-1) @ _kernel(params, lin.kernel)
+        if lin.bias is not None:
+            z = z + _kernel(params, lin.bias)
+        return z
+
+    z0 = pre_activation(xf)
+    jac = jax.jacfwd if xf.size <= z0.size else jax.jacrev
+    A = jac(pre_activation)(xf)
+    c1 = z0 - A @ xf
+
+    out0, vals0 = struct.apply_one(params, rest, x1, return_values=True)
+    h0 = vals0[site]
+
+    def head(delta):
+        return struct.apply_one(params, rest, x1, {site: delta.reshape(h0.shape)}).reshape(-1)
+
+    zero = jnp.zeros(h0.size, h0.dtype)
+    k = out0.size
+    B = jax.jacrev(head)(zero) if k <= h0.size else jax.jacfwd(head)(zero)
+    c2 = out0.reshape(-1) - B @ h0.reshape(-1)
+    return TwoStage(A, c1, B, c2)
+
+
+def two_stage_moments(model, x1, mean_shift, cov, *, split_at: str | None = None
+                      ) -> GaussianMoments:
+    """Output mean and covariance for input ~ N(x1 + mean_shift, cov), two-stage linearized."""
+    ts = two_stage_linearization(model, x1, split_at=split_at)
+    mu = x1.reshape(-1) + mean_shift.reshape(-1)
+    return affine_relu_affine(ts.A, ts.c1, ts.B, ts.c2, mu, cov)
+
+
+def layerwise_moments(model, x1, mean_shift, cov, *,
+                      covariance: Literal["full", "diag"] = "full") -> GaussianMoments:
+    """Propagate (mean, covariance) through a dense ReLU chain layer by layer.
+
+    Affine steps are exact; each ReLU gets the exact moments of relu(u) for a Gaussian u
+    with the propagated mean and covariance (the Gaussian assumption is the
+    approximation). ``covariance="diag"`` keeps only variances (cheaper, ignores
+    correlations between units).
+    """
+    pm = split(model)
+    chain = pm.structure.chain
+    if chain is None:
+        raise ValueError("layerwise moments need the model's layer_chain()")
+    for step in chain:
+        if isinstance(step, LinearStep) and step.kind != "dense":
+            raise ValueError("layerwise moments support dense layers only (the MLP); use "
+                             "method='two_stage' for convolutional models")
+        if isinstance(step, ActivationStep) and step.name not in ("relu", "identity"):
+            raise ValueError(f"layerwise moments need relu activations, got {step.name!r}")
+    params = pm.params
+    mu = x1.reshape(-1) + mean_shift.reshape(-1)
+    full = covariance == "full"
+    c = cov if full else jnp.diagonal(cov)
+    for step in chain:
+        if isinstance(step, LinearStep):
+            w = _kernel(params, step.kernel)
+            mu = mu @ w
+            if step.bias is not None:
+                mu = mu + _kernel(params, step.bias)
+            c = w.T @ c @ w if full else jnp.square(w).T @ c
+        elif isinstance(step, ActivationStep) and step.name == "relu":
+            if full:
+                mu, c = relu_moments(mu, c)
+            else:
+                sd = jnp.sqrt(jnp.clip(c, 0.0, None))
+                m1 = relu_mean(mu, sd)
+                c = jnp.clip(_relu_m2(mu, sd) - m1**2, 0.0, None)
+                mu = m1
+    if not full:
+        c = jnp.diag(c)
+    return GaussianMoments(mu, c)
+
+
+def output_moments(model, x1, mean_shift, cov, *, method: str = "two_stage",
+                   split_at: str | None = None) -> GaussianMoments:
+    """Output mean and covariance under input ~ N(x1 + mean_shift, cov) by ``method``."""
+    if method == "two_stage":
+        return two_stage_moments(model, x1, mean_shift, cov, split_at=split_at)
+    if method == "layerwise_full":
+        return layerwise_moments(model, x1, mean_shift, cov, covariance="full")
+    if method == "layerwise_diag":
+        return layerwise_moments(model, x1, mean_shift, cov, covariance="diag")
+    raise ValueError(f"method={method!r} is not a moments method; choose one of {list(METHODS)}")
+
+
+def noncentral_norm_mean(m: Float[Array, " k"], c: Float[Array, "k k"]) -> Float[Array, ""]:
+    """E‖z‖ for z ~ N(m, C), by the same 1-D integral as the centred case.
+
+    E‖z‖ = 1/(2√π) ∫ (1 − E e^{−t‖z‖²}) t^{−3/2} dt with
+    E e^{−t‖z‖²} = det(I + 2tC)^{−½} exp(−t mᵀ(I + 2tC)^{−1} m); Cholesky per node keeps
+    it differentiable for singular C.
+    """
+    from ..estimators._gauss import _STEP, _U
+
+    k = m.shape[0]
+    scale = jnp.trace(c) + jnp.sum(m**2)
+    safe = jnp.where(scale > 0, scale, 1.0)
+    cn, mn = c / safe, m / jnp.sqrt(safe)
+    u = jnp.asarray(_U, m.dtype)
+    t = jnp.exp(u)
+    eye = jnp.eye(k, dtype=m.dtype)
+
+    def node(tt):
+        chol = jnp.linalg.cholesky(eye + 2.0 * tt * cn)
+        logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol)))
+        y = jax.scipy.linalg.solve_triangular(chol, mn, lower=True)
+        return -0.5 * logdet - tt * jnp.sum(y * y)
+
+    logp = jax.vmap(node)(t)
+    w = _STEP * jnp.exp(-0.5 * u) / (2.0 * math.sqrt(math.pi))
+    val = jnp.sum(w * -jnp.expm1(logp))
+    return jnp.where(scale > 0, jnp.sqrt(safe) * val, 0.0)

@@ -164,14 +164,20 @@ def layerwise_moments(model, x1, mean_shift, cov, *,
     params = pm.params
     mu = x1.reshape(-1) + mean_shift.reshape(-1)
     full = covariance == "full"
-    c = cov if full else jnp.diagonal(cov)
+    c = cov
+    is_matrix = True  # diag mode keeps the input's full covariance up to the first ReLU
     for step in chain:
         if isinstance(step, LinearStep):
             w = _kernel(params, step.kernel)
             mu = mu @ w
             if step.bias is not None:
                 mu = mu + _kernel(params, step.bias)
-            c = w.T @ c @ w if full else jnp.square(w).T @ c
+            if is_matrix:
+                c = w.T @ c @ w
+                if not full:
+                    c, is_matrix = jnp.diagonal(c), False
+            else:
+                c = jnp.square(w).T @ c
         elif isinstance(step, ActivationStep) and step.name == "relu":
             if full:
                 mu, c = relu_moments(mu, c)
@@ -180,7 +186,7 @@ def layerwise_moments(model, x1, mean_shift, cov, *,
                 m1 = relu_mean(mu, sd)
                 c = jnp.clip(_relu_m2(mu, sd) - m1**2, 0.0, None)
                 mu = m1
-    if not full:
+    if not is_matrix:
         c = jnp.diag(c)
     return GaussianMoments(mu, c)
 
@@ -201,8 +207,10 @@ def noncentral_norm_mean(m: Float[Array, " k"], c: Float[Array, "k k"]) -> Float
     """E‖z‖ for z ~ N(m, C), by the same 1-D integral as the centred case.
 
     E‖z‖ = 1/(2√π) ∫ (1 − E e^{−t‖z‖²}) t^{−3/2} dt with
-    E e^{−t‖z‖²} = det(I + 2tC)^{−½} exp(−t mᵀ(I + 2tC)^{−1} m); Cholesky per node keeps
-    it differentiable for singular C.
+    E e^{−t‖z‖²} = det(I + 2tC)^{−½} exp(−t mᵀ(I + 2tC)^{−1} m). A Cholesky factor per node
+    keeps it differentiable for singular C; where 2t‖C‖ < 1e-4 both terms use their
+    power series instead, since the factor's rounding (~1e-16) would be amplified by the
+    weight t^{-1/2} there.
     """
     from ..estimators._gauss import _STEP, _U
 
@@ -213,12 +221,23 @@ def noncentral_norm_mean(m: Float[Array, " k"], c: Float[Array, "k k"]) -> Float
     u = jnp.asarray(_U, m.dtype)
     t = jnp.exp(u)
     eye = jnp.eye(k, dtype=m.dtype)
+    powers = [eye]
+    for _ in range(4):
+        powers.append(powers[-1] @ cn)
+    tr = [jnp.trace(p) for p in powers]  # tr C^j
+    quad = [mn @ p @ mn for p in powers]  # mᵀ C^j m
 
     def node(tt):
         chol = jnp.linalg.cholesky(eye + 2.0 * tt * cn)
         logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol)))
         y = jax.scipy.linalg.solve_triangular(chol, mn, lower=True)
-        return -0.5 * logdet - tt * jnp.sum(y * y)
+        exact = -0.5 * logdet - tt * jnp.sum(y * y)
+        x = 2.0 * tt
+        # log det(I + xC) = Σ_j (−1)^{j+1} x^j tr C^j / j;  (I + xC)^{-1} = Σ_j (−xC)^j
+        series_logdet = x * tr[1] - x**2 * tr[2] / 2 + x**3 * tr[3] / 3 - x**4 * tr[4] / 4
+        series_q = quad[0] - x * quad[1] + x**2 * quad[2] - x**3 * quad[3]
+        series = -0.5 * series_logdet - tt * series_q
+        return jnp.where(x * jnp.maximum(tr[1], 1e-30) < 1e-4, series, exact)
 
     logp = jax.vmap(node)(t)
     w = _STEP * jnp.exp(-0.5 * u) / (2.0 * math.sqrt(math.pi))

@@ -134,16 +134,18 @@ class TrainConfig(_Frozen):
 class AnalysisConfig(_Frozen):
     """One analysis: where the noise enters, its law, levels and estimators."""
 
-    kind: Literal["activation_noise", "weight_noise", "input_noise"]
+    kind: Literal["activation_noise", "weight_noise", "input_noise", "moments_tightness"]
     name: str | None = None
     sites: Literal["all"] | list[str] = "all"
-    noise: NoiseConfig
+    noise: NoiseConfig | None = None
     levels: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]] = Field(min_length=1)
     samples: int = Field(256, ge=2)
-    estimators: list[Literal["sampled", "linearized", "bound"]] = Field(
+    estimators: list[Literal["sampled", "linearized", "bound", "moments"]] = Field(
         default_factory=lambda: ["sampled", "linearized", "bound"], min_length=1
     )
     examples: int = Field(256, gt=0)
+    moments_method: Literal["two_stage", "layerwise_full", "layerwise_diag"] = "two_stage"
+    split_at: str | None = None
 
     @property
     def label(self) -> str:
@@ -235,6 +237,14 @@ def parse_config(raw: Mapping[str, Any] | None, source: str = "<config>") -> Exp
 def _cross_checks(cfg: ExperimentConfig) -> None:
     for i, a in enumerate(cfg.analyses):
         where = f"analyses[{i}]"
+        if a.kind == "moments_tightness":
+            continue
+        if a.noise is None:
+            raise ConfigError(f"config error at {where}.noise: a {a.kind} analysis needs a noise "
+                              "law (e.g. {law: relative_norm})")
+        if "moments" in a.estimators and a.kind != "input_noise":
+            raise ConfigError(f"config error at {where}.estimators: 'moments' applies to "
+                              f"input_noise analyses only, not {a.kind}")
         if a.kind == "weight_noise" and a.noise.law not in ("weight_relative", "relative_norm",
                                                            "multiplicative", "absolute"):
             raise ConfigError(f"config error at {where}.noise.law: {a.noise.law!r} cannot perturb "

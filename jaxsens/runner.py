@@ -153,11 +153,26 @@ def _analysis_sites(a, model) -> dict[str, Any]:
     return {"sites": [], "weight_sites": kernels if a.sites == "all" else list(a.sites)}
 
 
+def _run_tightness(a, model, x, key, index: int) -> list[dict]:
+    from .moments import tightness_study
+
+    try:
+        rows = tightness_study(model, x, sigmas=a.levels, key=key, num_samples=a.samples,
+                               split_at=a.split_at)
+    except ValueError as err:
+        raise ConfigError(f"config error at analyses[{index}]: {err}") from None
+    for r in rows:
+        r.update(analysis=a.label, estimator="tightness", site="input")
+    return rows
+
+
 def _run_analysis(a, index: int, model, ds, cfg, quiet: bool) -> list[dict]:
     n = min(a.examples, ds.n_test)
     x = jnp.asarray(ds.x_test[:n])
     y = jnp.asarray(ds.y_test[:n])
     key = jax.random.fold_in(jax.random.key(cfg.seed), 1000 + index)
+    if a.kind == "moments_tightness":
+        return _run_tightness(a, model, x, key, index)
     where = _analysis_sites(a, model)
     law = a.noise.build()
     names = where.get("sites", []) + where.get("weight_sites", [])
@@ -176,7 +191,8 @@ def _run_analysis(a, index: int, model, ds, cfg, quiet: bool) -> list[dict]:
             kw = {"sites": [site]}
         try:
             rows = profile(model, x, noise=law, levels=a.levels, key=jax.random.fold_in(key, j),
-                           estimators=a.estimators, num_samples=a.samples, labels=y, **kw)
+                           estimators=a.estimators, num_samples=a.samples, labels=y,
+                           moments_method=a.moments_method, **kw)
         except ValueError as err:
             raise ConfigError(f"config error at analyses[{index}]: {err}") from None
         for r in rows:

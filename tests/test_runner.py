@@ -87,6 +87,10 @@ BAD_CONFIGS = [
     ("bad precision", _with("precision", "float16"), r"precision.*'float32'"),
     ("zero width", _with("model.widths", [32, 0]), r"model\.widths\[1\].*greater than 0"),
     ("samples too small", _with("analyses.0.samples", 1), r"analyses\[0\]\.samples"),
+    ("moments estimator at activations", _with("analyses.0.estimators", ["moments"]),
+     r"analyses\[0\]\.estimators.*input_noise analyses only"),
+    ("noise analysis without a law", _with("analyses.0.noise", None),
+     r"analyses\[0\]\.noise.*needs a noise law"),
 ]
 
 
@@ -146,6 +150,34 @@ def test_overrides_apply_and_validate():
     assert cfg.train.epochs == 2 and cfg.analyses[0].levels == [0.1, 0.2]
     with pytest.raises(ConfigError):
         parse_config({"seed": "zero"})
+
+
+def test_every_builtin_experiment_is_valid():
+    from jaxsens.config import builtin_experiments
+
+    names = builtin_experiments()
+    assert {"noise_propagation", "moments_tightness_mlp", "moments_tightness_lenet"} <= set(names)
+    for name in names:
+        assert load_config(name).name == name
+
+
+def test_moments_analyses_run_end_to_end(tmp_path):
+    cfg = _with("train.epochs", 1)
+    cfg["analyses"] = [
+        {"kind": "moments_tightness", "levels": [0.05], "samples": 200, "examples": 2},
+        {"kind": "input_noise", "noise": {"law": "absolute"}, "levels": [0.05],
+         "estimators": ["sampled", "moments"], "samples": 16, "examples": 8},
+    ]
+    path = _write(tmp_path, cfg)
+    assert cli.main(["run", str(path), "--out", str(tmp_path / "m"), "--quiet"]) == 0
+    res = json.loads((tmp_path / "m" / "results.json").read_text())
+    tight = res["analyses"][0]["records"][0]
+    assert tight["sre_var"] < tight["sre_var_zero_mean"]
+    ests = {r["estimator"] for r in res["analyses"][1]["records"]}
+    assert ests == {"sampled", "moments"}
+    report = (tmp_path / "m" / "report.md").read_text()
+    assert "zero-mean formula" in report and "moments (analytic)" in report
+    assert (tmp_path / "m" / "figures" / "moments_tightness_tightness.png").stat().st_size > 0
 
 
 def test_builtin_default_config_is_valid(capsys):

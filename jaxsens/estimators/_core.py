@@ -499,7 +499,7 @@ def bound(
 
 
 # --------------------------------------------------------------------------- profile
-ESTIMATORS = ("sampled", "linearized", "bound")
+ESTIMATORS = ("sampled", "linearized", "bound", "moments")
 
 
 def _batch_summary(dev: Deviation, scale: float = 1.0) -> dict:
@@ -541,6 +541,7 @@ def profile(
     num_samples: int = 256,
     labels: jax.Array | None = None,
     chunk_size: int | None = None,
+    moments_method: str = "two_stage",
 ) -> list[dict]:
     """All sites × noise levels × estimators in one call, as a tidy table.
 
@@ -558,7 +559,9 @@ def profile(
       sites: input/activation sites (default: all activation sites).
       weight_noise: law for weight sites; weight sites are profiled only if given.
       weight_sites: weight paths (default with ``weight_noise``: every kernel, ndim ≥ 2).
-      estimators: subset of ``("sampled", "linearized", "bound")``.
+      estimators: subset of ``("sampled", "linearized", "bound", "moments")``; "moments"
+        (analytic Gaussian-input moments) applies to the input site with a Gaussian law.
+      moments_method: the :func:`moments` method.
       num_samples: Monte Carlo draws per example.
       labels: optional labels for the loss change.
 
@@ -621,6 +624,13 @@ def profile(
             up = _bound_core(struct, pm.params, pm.rest, x, law.with_level(1.0), site=s)
             for level in levels:
                 record(s, level, "bound", law, Deviation(upper=up * level))
+    if "moments" in estimators:
+        for s, law in plan:
+            if s != INPUT:
+                continue
+            for level in levels:
+                dev = moments(pm, x, noise=law.with_level(level), method=moments_method)
+                record(s, level, "moments", law, dev)
     if "sampled" in estimators:
         for i, (s, law) in enumerate(plan):
             for j, level in enumerate(levels):

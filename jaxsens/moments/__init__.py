@@ -18,3 +18,5 @@ from ._network import output_moments as output_moments
 from ._network import split_sites as split_sites
 from ._network import two_stage_linearization as two_stage_linearization
 from ._network import two_stage_moments as two_stage_moments
+from ._tightness import symmetric_relative_error as symmetric_relative_error
+from ._tightness import tightness_study as tightness_study

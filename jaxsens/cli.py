@@ -119,6 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"jaxsens: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        from .train import TrainingDiverged
+
+        if not isinstance(err, TrainingDiverged):
+            raise
+        print(f"jaxsens: training stopped: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("jaxsens: interrupted; finished steps are saved, re-run to resume",
               file=sys.stderr)

@@ -128,6 +128,19 @@ def test_bad_overrides(tmp_path, capsys, argv, pattern):
     assert not (tmp_path / "run").exists()
 
 
+def test_diverging_training_stops_with_one_line(tmp_path, capsys):
+    cfg = _with("train.optimizer.learning_rate", 1e12)
+    cfg["train"]["optimizer"]["name"] = "sgd"
+    path = _write(tmp_path, cfg)
+    code = cli.main(["run", str(path), "--out", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1
+    assert err.startswith("jaxsens: training stopped:") and "\n" not in err, err
+    assert "learning rate" in err
+    assert not (tmp_path / "run" / "results.json").exists()
+    assert (tmp_path / "run" / "config.yaml").exists()
+
+
 def test_bad_files(tmp_path, capsys):
     assert cli.main(["run", str(tmp_path / "missing.yaml"), "--quiet"]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -284,10 +284,12 @@ def test_total_loss_compiles_once():
          losses.NoiseLoss),
         ("jacobian", {"num_projections": 2}, losses.JacobianPenalty),
         ("linearized", {"site": "input", "noise": nz.Absolute(0.1)}, losses.LinearizedPenalty),
+        ("expected_gaussian", {"sigma": 0.1}, losses.ExpectedGaussianLoss),
     ],
 )
 def test_make_loss_builds_every_registered_term(name, kwargs, cls):
-    assert set(losses.LOSSES) == {"cross_entropy", "noise", "jacobian", "linearized"}
+    assert set(losses.LOSSES) == {"cross_entropy", "noise", "jacobian", "linearized",
+                                  "expected_gaussian"}
     term = losses.make_loss(name, **kwargs)
     assert isinstance(term, cls) and term.name == name
 
@@ -295,7 +297,8 @@ def test_make_loss_builds_every_registered_term(name, kwargs, cls):
 @pytest.mark.parametrize(
     ("call", "match"),
     [
-        (lambda: losses.make_loss("hinge"), "valid: cross_entropy, noise, jacobian, linearized"),
+        (lambda: losses.make_loss("hinge"),
+         "valid: cross_entropy, noise, jacobian, linearized, expected_gaussian"),
         (lambda: losses.make_loss("jacobian", projections=2), r"unknown argument.*projections"),
         (lambda: losses.make_loss("noise", site="h0"), r"needs argument.*noise"),
         (lambda: losses.make_loss("noise", site="h0", noise={"law": "laplace"}),

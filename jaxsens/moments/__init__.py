@@ -20,3 +20,13 @@ from ._network import two_stage_linearization as two_stage_linearization
 from ._network import two_stage_moments as two_stage_moments
 from ._tightness import symmetric_relative_error as symmetric_relative_error
 from ._tightness import tightness_study as tightness_study
+from ._uses import OBJECTIVES as OBJECTIVES
+from ._uses import AttackCheck as AttackCheck
+from ._uses import AttackResult as AttackResult
+from ._uses import check_attack as check_attack
+from ._uses import diagonal_output_moments as diagonal_output_moments
+from ._uses import expected_cross_entropy as expected_cross_entropy
+from ._uses import gaussian_noise_attack as gaussian_noise_attack
+from ._uses import noisy_cross_entropy as noisy_cross_entropy
+from ._uses import sensitivity_map as sensitivity_map
+from ._uses import sensitivity_map_figure as sensitivity_map_figure

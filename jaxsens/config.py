@@ -134,11 +134,13 @@ class TrainConfig(_Frozen):
 class AnalysisConfig(_Frozen):
     """One analysis: where the noise enters, its law, levels and estimators."""
 
-    kind: Literal["activation_noise", "weight_noise", "input_noise", "moments_tightness"]
+    kind: Literal["activation_noise", "weight_noise", "input_noise", "moments_tightness",
+                  "sensitivity_map", "gaussian_attack"]
     name: str | None = None
     sites: Literal["all"] | list[str] = "all"
     noise: NoiseConfig | None = None
-    levels: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]] = Field(min_length=1)
+    levels: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = Field(
+        None, min_length=1)
     samples: int = Field(256, ge=2)
     estimators: list[Literal["sampled", "linearized", "bound", "moments"]] = Field(
         default_factory=lambda: ["sampled", "linearized", "bound"], min_length=1
@@ -146,6 +148,17 @@ class AnalysisConfig(_Frozen):
     examples: int = Field(256, gt=0)
     moments_method: Literal["two_stage", "layerwise_full", "layerwise_diag"] = "two_stage"
     split_at: str | None = None
+    # sensitivity_map: block size of the regions (levels are the noise σ per coordinate).
+    region: int = Field(1, ge=1)
+    # gaussian_attack: (E‖x − x_clean‖²)^½ ≤ budget; untargeted unless target is set.
+    budget: float | None = Field(None, gt=0, allow_inf_nan=False)
+    target: int | None = Field(None, ge=0)
+    objective: Literal["margin", "ce"] = "margin"
+    steps: int = Field(200, ge=1)
+    learning_rate: float = Field(0.01, gt=0, allow_inf_nan=False)
+    sparsity: float = Field(0.0, ge=0, allow_inf_nan=False)
+    smoothness: float = Field(0.0, ge=0, allow_inf_nan=False)
+    optimize_mean: bool = True  # False: a pure noise attack (zero mean shift)
 
     @property
     def label(self) -> str:
@@ -237,7 +250,13 @@ def parse_config(raw: Mapping[str, Any] | None, source: str = "<config>") -> Exp
 def _cross_checks(cfg: ExperimentConfig) -> None:
     for i, a in enumerate(cfg.analyses):
         where = f"analyses[{i}]"
-        if a.kind == "moments_tightness":
+        if a.kind != "gaussian_attack" and a.levels is None:
+            raise ConfigError(f"config error at {where}.levels: a {a.kind} analysis needs a "
+                              "non-empty list of noise levels")
+        if a.kind == "gaussian_attack" and a.budget is None:
+            raise ConfigError(f"config error at {where}.budget: a gaussian_attack needs a budget "
+                              "(> 0) on the root-mean-square input change")
+        if a.kind in ("moments_tightness", "sensitivity_map", "gaussian_attack"):
             continue
         if a.noise is None:
             raise ConfigError(f"config error at {where}.noise: a {a.kind} analysis needs a noise "

@@ -91,6 +91,10 @@ BAD_CONFIGS = [
      r"analyses\[0\]\.estimators.*input_noise analyses only"),
     ("noise analysis without a law", _with("analyses.0.noise", None),
      r"analyses\[0\]\.noise.*needs a noise law"),
+    ("noise analysis without levels", _with("analyses.0.levels", None),
+     r"analyses\[0\]\.levels.*needs a non-empty list"),
+    ("attack without a budget", _with("analyses.0", {"kind": "gaussian_attack"}),
+     r"analyses\[0\]\.budget.*needs a budget"),
 ]
 
 
@@ -169,7 +173,8 @@ def test_every_builtin_experiment_is_valid():
     from jaxsens.config import builtin_experiments
 
     names = builtin_experiments()
-    assert {"noise_propagation", "moments_tightness_mlp", "moments_tightness_lenet"} <= set(names)
+    assert {"noise_propagation", "moments_tightness_mlp", "moments_tightness_lenet",
+            "sensitivity_maps", "gaussian_attacks"} <= set(names)
     for name in names:
         assert load_config(name).name == name
 
@@ -191,6 +196,29 @@ def test_moments_analyses_run_end_to_end(tmp_path):
     report = (tmp_path / "m" / "report.md").read_text()
     assert "zero-mean formula" in report and "moments (analytic)" in report
     assert (tmp_path / "m" / "figures" / "moments_tightness_tightness.png").stat().st_size > 0
+
+
+def test_map_and_attack_analyses_run_end_to_end(tmp_path):
+    cfg = _with("train.epochs", 1)
+    cfg["analyses"] = [
+        {"kind": "sensitivity_map", "levels": [0.1], "examples": 2},
+        {"kind": "sensitivity_map", "name": "blocks", "levels": [0.1], "region": 4,
+         "examples": 1},
+        {"kind": "gaussian_attack", "budget": 2.0, "steps": 20, "samples": 200, "examples": 2},
+    ]
+    path = _write(tmp_path, cfg)
+    assert cli.main(["run", str(path), "--out", str(tmp_path / "u"), "--quiet"]) == 0
+    res = json.loads((tmp_path / "u" / "results.json").read_text())
+    maps, blocks, attack = (a["records"] for a in res["analyses"])
+    assert len(maps) == 2 and len(maps[0]["map"]) == 28 * 28 and maps[0]["total"] > 0
+    assert blocks[0]["map_shape"] == [7, 7, 1]
+    for r in attack:
+        assert abs(r["mc_margin"] - r["predicted_margin"]) < 0.5 * abs(r["predicted_margin"]) + 1
+        assert r["mean_shift_norm"] ** 2 + r["noise_norm"] ** 2 <= 2.0**2 * (1 + 1e-6)
+    figs = {p.name for p in (tmp_path / "u" / "figures").iterdir()}
+    assert {"sensitivity_map_maps.png", "gaussian_attack_margins.png"} <= figs
+    report = (tmp_path / "u" / "report.md").read_text()
+    assert "noise-sensitivity maps" in report and "isotropic baseline" in report
 
 
 def test_builtin_default_config_is_valid(capsys):

@@ -299,3 +299,19 @@ def test_sampled_compiles_once_per_structure(x64, make_mlp):
     for seed, level in [(1, 0.05), (2, 0.9)]:
         _sampled_tanh(make_mlp(6, [16, 12], 4, activation="tanh", seed=seed), x, level, seed)
     assert _sampled_core._cache_size() == before
+
+
+def test_quantiles_come_from_a_bounded_prefix_of_the_draws():
+    """Beyond 10,000 draws the quantiles use the first 10,000 (memory stays bounded)."""
+    from jaxsens.estimators import _core
+
+    model = js.models.MLP(6, [8], 3, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 6))
+    law = js.noise.RelativeNorm(0.1)
+    n = _core._QUANTILE_DRAWS
+    head = js.sampled(model, x, site="h0", noise=law, key=jax.random.key(3), num_samples=n,
+                      chunk_size=1000)
+    more = js.sampled(model, x, site="h0", noise=law, key=jax.random.key(3),
+                      num_samples=n + 2000, chunk_size=1000)
+    np.testing.assert_array_equal(head.quantiles, more.quantiles)
+    assert not np.array_equal(head.mean, more.mean)

@@ -459,3 +459,21 @@ def test_float32_moderate_width_finite_and_close_to_float64():
     scale = np.abs(ref_cov).max()
     np.testing.assert_allclose(out.cov, ref_cov, atol=1e-5 * scale)
     np.testing.assert_allclose(out.mean, ref_mean, atol=1e-5 * np.abs(ref_mean).max())
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e-6])
+def test_relu_moments_no_cancellation_when_sigma_is_small(x64, scale):
+    """Units far from the kink: Cov relu(u) equals Σ on always-active pairs, 0 elsewhere.
+
+    With |μ|/σ ≥ 3e5 the ReLU is linear (active) or zero with probability 1 − e^{-4.5e10},
+    so those are the exact values to float64 precision; the plain E[rr] − E r E r form
+    loses ~eps·(μ/σ)² (here up to 1e-4 relative).
+    """
+    rng = np.random.default_rng(7)
+    mu = jnp.asarray([1.0, 2.0, -0.5, 0.3, -1.5, 0.8])
+    root = rng.standard_normal((6, 6))
+    cov = jnp.asarray(root @ root.T / 6) * scale**2
+    m = jm.relu_moments(mu, cov)
+    act = np.asarray(mu) > 0
+    expected = np.where(np.outer(act, act), np.asarray(cov), 0.0)
+    np.testing.assert_allclose(np.asarray(m.cov), expected, rtol=0, atol=1e-12 * scale**2)

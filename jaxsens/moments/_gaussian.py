@@ -670,6 +670,33 @@ def _upper_cross_moments(
     return out.reshape(-1)[:n]
 
 
+def _upper_centred_cov(
+    mu: Array, sigma: Array, Sigma: Array, stats: _UnitStats, iu: np.ndarray, ju: np.ndarray
+) -> Array:
+    """Cov(relu(u_i), relu(u_j)) for the pairs (iu, ju) without catastrophic cancellation.
+
+    E[r_i r_j] − E r_i E r_j cancels to relative error ~eps·(μ/σ)² when both units are
+    almost always active. Write r = a·u + q with a = [μ ≥ 0] and the small part
+    q = relu(−u) if a else relu(u), i.e. q = relu(s u) with s = −1 if a else +1, so that
+    s μ ≤ 0. Stein's lemma gives Cov(u_i, q_j) = Σ_ij E[q_j'(u_j)] = s_j Σ_ij Φ(−|α_j|), so
+
+        Cov(r_i, r_j) = Σ_ij (a_i a_j + a_i s_j Q_j + a_j s_i Q_i) + Cov(q_i, q_j),
+
+    Q = Φ(−|α|), where Cov(q_i, q_j) is the cross-moment formula at means s μ and
+    correlation s_i s_j ρ: every term is O(σ_iσ_j), nothing large cancels.
+    """
+    a = (mu >= 0).astype(mu.dtype)
+    s = 1.0 - 2.0 * a
+    mu_q = s * mu
+    stats_q = _UnitStats(s * stats.alpha, stats.pdf, stats.tail)
+    mean_q = relu_mean(mu_q, sigma)
+    q_cross = _upper_cross_moments(mu_q, sigma, Sigma * (s[:, None] * s[None, :]), stats_q,
+                                   iu, ju)
+    cov_q = q_cross - mean_q[iu] * mean_q[ju]
+    lin = a[iu] * a[ju] + a[iu] * s[ju] * stats.tail[ju] + a[ju] * s[iu] * stats.tail[iu]
+    return Sigma[iu, ju] * lin + cov_q
+
+
 def _symmetric_from_upper(upper: Array, diag: Array, iu: np.ndarray, ju: np.ndarray) -> Array:
     p = diag.shape[0]
     # Static in-bounds indices; without the promise, the gradient's gather carries a bounds
@@ -688,7 +715,8 @@ def relu_moments(mu: Float[ArrayLike, " p"], Sigma: Float[ArrayLike, "p p"]) -> 
 
     ``E relu(u_i)`` by :func:`relu_mean`; ``Cov(r_i, r_j) = E[r_i r_j] - E r_i E r_j`` with
     the cross moment of :func:`relu_cross_moment` for the ``p (p - 1) / 2`` pairs of the
-    upper triangle (one vectorized call, no loop over pairs) and
+    upper triangle (one vectorized call, no loop over pairs), evaluated in a centred form
+    that avoids cancellation when ``|mu| >> sigma`` (see ``_upper_centred_cov``), and
     ``Var r_i = E r_i^2 - (E r_i)^2`` on the diagonal (:func:`relu_second_moment`,
     rearranged to avoid cancellation when ``mu_i >> sigma_i``). ``Sigma`` may be singular;
     only its upper triangle is read. Cost: ``p^2 / 2`` bivariate CDFs, about 30
@@ -712,8 +740,7 @@ def relu_moments(mu: Float[ArrayLike, " p"], Sigma: Float[ArrayLike, "p p"]) -> 
     sigma = _sqrt_nonneg(jnp.diagonal(Sigma))
     mean = relu_mean(mu, sigma)
     var = _relu_variance(mu, sigma)
-    cross = _upper_cross_moments(mu, sigma, Sigma, _unit_stats(mu, sigma), iu, ju)
-    off = cross - mean[iu] * mean[ju]
+    off = _upper_centred_cov(mu, sigma, Sigma, _unit_stats(mu, sigma), iu, ju)
     return GaussianMoments(mean=mean, cov=_symmetric_from_upper(off, var, iu, ju))
 
 

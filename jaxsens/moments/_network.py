@@ -142,16 +142,8 @@ def two_stage_moments(model, x1, mean_shift, cov, *, split_at: str | None = None
     return affine_relu_affine(ts.A, ts.c1, ts.B, ts.c2, mu, cov)
 
 
-def layerwise_moments(model, x1, mean_shift, cov, *,
-                      covariance: Literal["full", "diag"] = "full") -> GaussianMoments:
-    """Propagate (mean, covariance) through a dense ReLU chain layer by layer.
-
-    Affine steps are exact; each ReLU gets the exact moments of relu(u) for a Gaussian u
-    with the propagated mean and covariance (the Gaussian assumption is the
-    approximation). ``covariance="diag"`` keeps only variances (cheaper, ignores
-    correlations between units).
-    """
-    pm = split(model)
+def _dense_relu_chain(pm: PureModel):
+    """The model's layer chain, checked to hold only dense layers and ReLU/identity."""
     chain = pm.structure.chain
     if chain is None:
         raise ValueError("layerwise moments need the model's layer_chain()")
@@ -161,23 +153,31 @@ def layerwise_moments(model, x1, mean_shift, cov, *,
                              "method='two_stage' for convolutional models")
         if isinstance(step, ActivationStep) and step.name not in ("relu", "identity"):
             raise ValueError(f"layerwise moments need relu activations, got {step.name!r}")
+    return chain
+
+
+def propagate_chain(pm: PureModel, mu, first_cov, *, full: bool) -> GaussianMoments:
+    """Carry (mean, covariance) through a dense ReLU chain, layer by layer.
+
+    ``first_cov(kernel)`` gives the covariance after the first dense layer: a matrix if
+    ``full``, else its diagonal (so a structured input covariance never needs a d×d
+    matrix). After that, affine steps are exact and each ReLU gets the exact moments of
+    relu(u) for Gaussian u with the propagated mean and covariance (full) or variances
+    (diagonal).
+    """
     params = pm.params
-    mu = x1.reshape(-1) + mean_shift.reshape(-1)
-    full = covariance == "full"
-    c = cov
-    is_matrix = True  # diag mode keeps the input's full covariance up to the first ReLU
-    for step in chain:
+    mu = mu.reshape(-1)
+    c = None
+    for step in _dense_relu_chain(pm):
         if isinstance(step, LinearStep):
             w = _kernel(params, step.kernel)
+            if c is None:
+                c = first_cov(w)
+            else:
+                c = w.T @ c @ w if full else jnp.square(w).T @ c
             mu = mu @ w
             if step.bias is not None:
                 mu = mu + _kernel(params, step.bias)
-            if is_matrix:
-                c = w.T @ c @ w
-                if not full:
-                    c, is_matrix = jnp.diagonal(c), False
-            else:
-                c = jnp.square(w).T @ c
         elif isinstance(step, ActivationStep) and step.name == "relu":
             if full:
                 mu, c = relu_moments(mu, c)
@@ -186,9 +186,27 @@ def layerwise_moments(model, x1, mean_shift, cov, *,
                 m1 = relu_mean(mu, sd)
                 c = jnp.clip(_relu_m2(mu, sd) - m1**2, 0.0, None)
                 mu = m1
-    if not is_matrix:
-        c = jnp.diag(c)
-    return GaussianMoments(mu, c)
+    return GaussianMoments(mu, c if full else jnp.diag(c))
+
+
+def layerwise_moments(model, x1, mean_shift, cov, *,
+                      covariance: Literal["full", "diag"] = "full") -> GaussianMoments:
+    """Propagate (mean, covariance) through a dense ReLU chain layer by layer.
+
+    Affine steps are exact; each ReLU gets the exact moments of relu(u) for a Gaussian u
+    with the propagated mean and covariance (the Gaussian assumption is the
+    approximation). ``covariance="diag"`` keeps only variances after the first layer
+    (cheaper, ignores correlations between units; the input's own correlations still
+    enter the first layer's variances).
+    """
+    pm = split(model)
+    full = covariance == "full"
+
+    def first_cov(w):
+        c = w.T @ cov @ w
+        return c if full else jnp.diagonal(c)
+
+    return propagate_chain(pm, x1.reshape(-1) + mean_shift.reshape(-1), first_cov, full=full)
 
 
 def output_moments(model, x1, mean_shift, cov, *, method: str = "two_stage",

@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -38,11 +37,9 @@ import numpy as np
 import optax
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from ..models import ActivationStep, LinearStep
 from ..sites import PureModel, Structure, split
-from ._gaussian import GaussianMoments, relu_mean, relu_moments
-from ._gaussian import relu_second_moment as _relu_m2
-from ._network import METHODS, _kernel, split_sites, two_stage_linearization
+from ._gaussian import GaussianMoments, relu_moments
+from ._network import METHODS, propagate_chain, split_sites, two_stage_linearization
 
 __all__ = [
     "AttackCheck",
@@ -143,51 +140,6 @@ def _rows_sandwich(g: Array, full: bool) -> Array:
     return g.T @ g if full else jnp.sum(g * g, axis=0)
 
 
-def _dense_relu_chain(pm: PureModel):
-    chain = pm.structure.chain
-    if chain is None:
-        raise ValueError("layerwise moments need the model's layer_chain()")
-    for step in chain:
-        if isinstance(step, LinearStep) and step.kind != "dense":
-            raise ValueError("layerwise moments support dense layers only (the MLP); use "
-                             "method='two_stage' for convolutional models")
-        if isinstance(step, ActivationStep) and step.name not in ("relu", "identity"):
-            raise ValueError(f"layerwise moments need relu activations, got {step.name!r}")
-    return chain
-
-
-def _layerwise_structured(pm: PureModel, mu: Array, first_cov: Callable[[Array], Array], *,
-                          full: bool) -> GaussianMoments:
-    """``layerwise_moments`` with a structured input covariance (diagonal or low rank).
-
-    Identical to :func:`jaxsens.moments.layerwise_moments` except that the first dense
-    layer's covariance is ``first_cov(kernel)`` (full, or its diagonal if not ``full``),
-    never formed from a ``d x d`` input covariance.
-    """
-    params = pm.params
-    mu = mu.reshape(-1)
-    c = None
-    for step in _dense_relu_chain(pm):
-        if isinstance(step, LinearStep):
-            w = _kernel(params, step.kernel)
-            if c is None:
-                c = first_cov(w)
-            else:
-                c = w.T @ c @ w if full else jnp.square(w).T @ c
-            mu = mu @ w
-            if step.bias is not None:
-                mu = mu + _kernel(params, step.bias)
-        elif isinstance(step, ActivationStep) and step.name == "relu":
-            if full:
-                mu, c = relu_moments(mu, c)
-            else:
-                sd = jnp.sqrt(jnp.clip(c, 0.0, None))
-                m1 = relu_mean(mu, sd)
-                c = jnp.clip(_relu_m2(mu, sd) - m1**2, 0.0, None)
-                mu = m1
-    return GaussianMoments(mu, c if full else jnp.diag(c))
-
-
 def diagonal_output_moments(
     model,
     x1: Float[ArrayLike, "*input_shape"],
@@ -231,7 +183,7 @@ def diagonal_output_moments(
         ts = two_stage_linearization(pm, x1, split_at=split_at)
         hidden = relu_moments(ts.A @ mu + ts.c1, _diag_sandwich(ts.A.T, var, True))
         return GaussianMoments(ts.B @ hidden.mean + ts.c2, ts.B @ hidden.cov @ ts.B.T)
-    return _layerwise_structured(pm, mu, lambda w: _diag_sandwich(w, var, full), full=full)
+    return propagate_chain(pm, mu, lambda w: _diag_sandwich(w, var, full), full=full)
 
 
 # --------------------------------------------------------------------------- rank one
@@ -340,7 +292,7 @@ def _map_core(struct, params, rest, x1, sigma, index, *, method, split_at, rank_
 
         def per_pixel(i):
             # Noise sigma e_i on the region's coordinates: x @ w moves by sigma w[i]^T g.
-            mom = _layerwise_structured(pm, x1, lambda w: _rows_sandwich(sigma * w[i], full),
+            mom = propagate_chain(pm, x1, lambda w: _rows_sandwich(sigma * w[i], full),
                                         full=full)
             return jnp.trace(mom.cov)
 

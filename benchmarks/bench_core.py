@@ -10,7 +10,8 @@
    samples × suffix FLOPs at the matmul rate plus the normal draws at the measured
    ``jax.random.normal`` rate; target ≥ 50%; also with common random numbers (one
    direction per draw shared by the batch);
-4. the certified bound's cost over one forward pass (ratio).
+4. the certified bound's cost over one forward pass (ratio), the layers' Lipschitz
+   constants cached as a public call on the same parameters has them.
 
 Model: MLP 784 → 4×512 → 10 (ReLU), batch 256 (sampled: site h0). Every function is
 jitted and warmed up (compilation excluded), timed with ``time.perf_counter`` around
@@ -23,67 +24,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from timing import draw_rate, interleaved, matmul_rate, timeit
 
 import jaxsens as js
-from jaxsens.estimators._core import _bound_core, _sandwiches
+from jaxsens.estimators import _bound, sandwiches
 
 WIDTH, DEPTH, DIN, DOUT = 512, 4, 784, 10
-WARMUP_S = 0.25
-
-
-def timeit(fn, *args, repeats: int) -> float:
-    """Median wall time of ``fn(*args)`` in seconds, compilation and warm-up excluded."""
-    return interleaved({"f": (fn, args)}, repeats)["f"]
-
-
-def interleaved(calls: dict, repeats: int) -> dict:
-    """Median wall time of every ``name: (fn, args)``, the calls alternating within each
-    repeat so that a slow phase of a shared machine hits all of them alike."""
-    for fn, args in calls.values():
-        jax.block_until_ready(fn(*args))  # compile
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < WARMUP_S:  # caches, clocks, thread pools
-            jax.block_until_ready(fn(*args))
-    times: dict = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, (fn, args) in calls.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def matmul_rate(repeats: int) -> float:
-    """Float32 matmul FLOP/s: the best of n × n × n products, n = 1024, 2048."""
-    rates = []
-    for n in (1024, 2048):
-        ka, kb = jax.random.split(jax.random.key(n))
-        a = jax.random.normal(ka, (n, n), jnp.float32)
-        b = jax.random.normal(kb, (n, n), jnp.float32)
-        rates.append(2.0 * n**3 / timeit(jax.jit(jnp.matmul), a, b, repeats=repeats))
-    return max(rates)
-
-
-def draw_rate(repeats: int) -> float:
-    """jax.random.normal float32 draws per second (default PRNG), consumed in place.
-
-    The draws are reduced inside the program, as the sampled estimator consumes them (an
-    array written to memory would measure memory bandwidth). The rate depends on the size
-    and on how XLA splits the work over threads, so take the best of 2^18 … 2^22 draws.
-    """
-    rates = []
-    for n in (2**18, 2**20, 2**22):
-        f = jax.jit(lambda k, n=n: jnp.sum(jax.random.normal(k, (n // 512, 512)), axis=1))
-        rates.append(n / timeit(f, jax.random.key(0), repeats=repeats))
-    return max(rates)
-
-
 def layer_sizes():
     sizes = [DIN, *([WIDTH] * DEPTH), DOUT]
     return list(zip(sizes[:-1], sizes[1:], strict=True))
@@ -102,7 +52,7 @@ def per_site_jacrev(pm, x, law, site):
 
     def one(x1):
         def f(d):
-            out, values = struct.apply_one(params, rest, x1, {site: d}, return_values=True)
+            out, values = struct.apply_one_with_values(params, rest, x1, {site: d})
             return out.reshape(-1), values[site]
 
         jac, v = jax.jacrev(f, has_aux=True)(jnp.zeros(shape, x1.dtype))
@@ -138,8 +88,9 @@ def main() -> None:
     # 1 + 2. All-site linearized vs per-site jacrev.
     laws = (law,) * len(sites)
 
+    @jax.jit
     def all_sites(params, x):
-        return _sandwiches(struct, params, rest, x, laws, sites=sites, chunk=batch)
+        return sandwiches(struct, params, rest, x, laws, sites=sites, chunk=batch)
 
     loop_fns = [per_site_jacrev(pm, x, law, s) for s in sites]
     ref = all_sites(params, x)
@@ -180,8 +131,12 @@ def main() -> None:
     # 4. Bound vs one forward pass.
     forward = jax.jit(lambda params, x: struct.apply(params, rest, x))
 
+    adapter, arrays = js.sites.adapt(pm)
+    lips = _bound.lipschitz_constants(adapter, arrays)
+
     def bound(params, x):
-        return _bound_core(struct, params, rest, x, law, site="h0")
+        return _bound._kernel(adapter, (params, rest), x, law, lips, site="h0",
+                              qlevels=js.estimators.DEFAULT_QUANTILES)
 
     t = interleaved({"fwd": (forward, (params, x)), "bound": (bound, (params, x))}, repeats)
     t_fwd, t_bound = t["fwd"], t["bound"]

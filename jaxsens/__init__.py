@@ -10,9 +10,13 @@ from . import losses as losses
 from . import models as models
 from . import moments as moments
 from . import noise as noise
+from . import precision as precision
 from . import sites as sites
 from . import train as train
+from .estimators import ESTIMATORS as ESTIMATORS
+from .estimators import REGISTRY as REGISTRY
 from .estimators import Deviation as Deviation
+from .estimators import Profile as Profile
 from .estimators import bound as bound
 from .estimators import linearized as linearized
 from .estimators import profile as profile

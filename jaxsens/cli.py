@@ -12,6 +12,9 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, builtin_experiments, load_config, read_yaml, resolve_source
+from .report import render_report
+from .runner import run_experiment
+from .train import TrainingDiverged
 
 __all__ = ["main"]
 
@@ -44,8 +47,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args) -> int:
-    from .runner import run_experiment
-
     cfg = load_config(args.config, args.overrides)
     res = run_experiment(cfg, args.out, quiet=args.quiet)
     print(res["summary"])
@@ -58,8 +59,6 @@ def _slug(value: str) -> str:
 
 
 def _cmd_sweep(args) -> int:
-    from .runner import run_experiment
-
     axes = []
     for g in args.grid:
         if "=" not in g or not g.split("=", 1)[1]:
@@ -86,8 +85,6 @@ def _cmd_sweep(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from .report import render_report
-
     run_dir = Path(args.run_dir)
     if not (run_dir / "results.json").is_file():
         raise ConfigError(f"{args.run_dir!r} is not a finished jaxsens run (no results.json)")
@@ -111,6 +108,24 @@ _COMMANDS = {"run": _cmd_run, "sweep": _cmd_sweep, "report": _cmd_report, "list"
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``jaxsens`` command line: ``run``, ``sweep``, ``report`` or ``list``.
+
+    Configuration mistakes and a diverged training print one line to stderr instead of a
+    traceback; an interrupted run can be resumed by running it again.
+
+    Args:
+      argv: the arguments after the program name (default: ``sys.argv[1:]``), e.g.
+        ``["run", "noise_propagation", "--set", "train.epochs=3"]``.
+
+    Returns:
+      The exit status: 0 on success, 2 on a :class:`~jaxsens.config.ConfigError` (bad
+      config, override, grid or run directory), 1 when training diverged, 130 when
+      interrupted (Ctrl-C).
+
+    Raises:
+      SystemExit: from ``argparse``, for unknown commands or options (status 2) and for
+        ``--help`` (status 0).
+    """
     args = _parser().parse_args(argv)
     try:
         if args.command in ("run", "sweep") and args.config is not None:
@@ -119,11 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"jaxsens: error: {err}", file=sys.stderr)
         return 2
-    except Exception as err:
-        from .train import TrainingDiverged
-
-        if not isinstance(err, TrainingDiverged):
-            raise
+    except TrainingDiverged as err:
         print(f"jaxsens: training stopped: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

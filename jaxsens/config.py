@@ -13,10 +13,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from . import noise as noise_lib
+from . import data as data_lib
+from .analyses import KINDS, AnalysisUnion
 from .losses import LOSSES
+from .models import ACTIVATIONS
+from .schema import ConfigError, Frozen, NoiseConfig, one_of
 from .train import OPTIMIZERS, SCHEDULES
 
 __all__ = [
@@ -31,36 +34,8 @@ __all__ = [
 ]
 
 EXPERIMENTS_DIR = Path(__file__).parent / "experiments"
-DATASETS = ("digits", "digits8x8", "mnist", "fashion_mnist", "cifar10", "teacher", "gaussian")
-
-
-class ConfigError(ValueError):
-    """A config problem, reported in one line before any work starts."""
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class NoiseConfig(_Frozen):
-    """A noise law: ``law`` names a class of :mod:`jaxsens.noise`, the rest its options."""
-
-    law: Literal["relative_norm", "absolute", "weight_relative", "multiplicative"]
-    level: float = Field(0.05, ge=0, allow_inf_nan=False)
-    reading: Literal["sphere", "gaussian"] = "sphere"
-    norm: Literal["frobenius", "spectral", "linf"] = "frobenius"
-
-    def build(self, level: float | None = None) -> noise_lib.NoiseLaw:
-        lvl = self.level if level is None else level
-        if self.law == "relative_norm":
-            return noise_lib.RelativeNorm(lvl, reading=self.reading)
-        if self.law == "weight_relative":
-            return noise_lib.WeightRelative(lvl, norm=self.norm)
-        return noise_lib.LAWS[self.law](lvl)
-
-
-class DataConfig(_Frozen):
-    name: Literal[DATASETS] = "digits"  # type: ignore[valid-type]
+class DataConfig(Frozen):
+    name: Annotated[str, one_of(data_lib.available(), "dataset")] = "digits"
     options: dict[str, Any] = Field(default_factory=dict)
     n_train: int | None = Field(None, gt=0)
     n_test: int | None = Field(None, gt=0)
@@ -68,16 +43,16 @@ class DataConfig(_Frozen):
     path: str | None = None
 
 
-class ModelConfig(_Frozen):
+class ModelConfig(Frozen):
     kind: Literal["mlp", "lenet"] = "mlp"
     widths: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [256, 256, 256])
-    activation: Literal["relu", "tanh", "sigmoid", "gelu", "identity"] = "relu"
+    activation: Annotated[str, one_of(ACTIVATIONS, "activation")] = "relu"
     use_bias: bool = True
     channels: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [6, 16])
     kernel_size: int = Field(5, gt=0)
 
 
-class OptimizerConfig(_Frozen):
+class OptimizerConfig(Frozen):
     name: str = "adam"
     learning_rate: float = Field(1e-3, gt=0, allow_inf_nan=False)
     options: dict[str, Any] = Field(default_factory=dict)
@@ -91,7 +66,7 @@ class OptimizerConfig(_Frozen):
         return v
 
 
-class ScheduleConfig(_Frozen):
+class ScheduleConfig(Frozen):
     name: str = "constant"
     options: dict[str, Any] = Field(default_factory=dict)
 
@@ -103,7 +78,7 @@ class ScheduleConfig(_Frozen):
         return v
 
 
-class LossTermConfig(_Frozen):
+class LossTermConfig(Frozen):
     """One weighted loss term: ``kind`` from :data:`jaxsens.losses.LOSSES`."""
 
     kind: str
@@ -120,7 +95,7 @@ class LossTermConfig(_Frozen):
         return v
 
 
-class TrainConfig(_Frozen):
+class TrainConfig(Frozen):
     epochs: int = Field(5, ge=0)
     batch_size: int = Field(128, gt=0)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
@@ -131,47 +106,13 @@ class TrainConfig(_Frozen):
     checkpoint_every: int = Field(1, gt=0)
 
 
-class AnalysisConfig(_Frozen):
-    """One analysis: where the noise enters, its law, levels and estimators."""
-
-    kind: Literal["activation_noise", "weight_noise", "input_noise", "moments_tightness",
-                  "sensitivity_map", "gaussian_attack"]
-    name: str | None = None
-    sites: Literal["all"] | list[str] = "all"
-    noise: NoiseConfig | None = None
-    levels: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = Field(
-        None, min_length=1)
-    samples: int = Field(256, ge=2)
-    estimators: list[Literal["sampled", "linearized", "bound", "moments"]] = Field(
-        default_factory=lambda: ["sampled", "linearized", "bound"], min_length=1
-    )
-    examples: int = Field(256, gt=0)
-    moments_method: Literal["two_stage", "layerwise_full", "layerwise_diag"] = "two_stage"
-    split_at: str | None = None
-    # sensitivity_map: block size of the regions (levels are the noise σ per coordinate).
-    region: int = Field(1, ge=1)
-    # gaussian_attack: (E‖x − x_clean‖²)^½ ≤ budget; untargeted unless target is set.
-    budget: float | None = Field(None, gt=0, allow_inf_nan=False)
-    target: int | None = Field(None, ge=0)
-    objective: Literal["margin", "ce"] = "margin"
-    steps: int = Field(200, ge=1)
-    learning_rate: float = Field(0.01, gt=0, allow_inf_nan=False)
-    sparsity: float = Field(0.0, ge=0, allow_inf_nan=False)
-    smoothness: float = Field(0.0, ge=0, allow_inf_nan=False)
-    optimize_mean: bool = True  # False: a pure noise attack (zero mean shift)
-
-    @property
-    def label(self) -> str:
-        return self.name or self.kind
-
-
-class OutputConfig(_Frozen):
+class OutputConfig(Frozen):
     dir: str | None = None
     figures: bool = True
     report: bool = True
 
 
-class ExperimentConfig(_Frozen):
+class ExperimentConfig(Frozen):
     """A whole experiment: seed, precision, data, model, train, analyses, output."""
 
     name: str = "experiment"
@@ -181,7 +122,7 @@ class ExperimentConfig(_Frozen):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    analyses: list[AnalysisConfig] = Field(default_factory=list)
+    analyses: list[AnalysisUnion] = Field(default_factory=list)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
 
@@ -201,6 +142,9 @@ def _field_choices(loc: Sequence[Any]) -> list[str]:
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
+        if part in KINDS and model is ExperimentConfig:
+            model = KINDS[part].config
+            continue
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:
             return []
@@ -219,7 +163,9 @@ def _one_line(err: ValidationError) -> str:
     loc = [p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
     # Drop pydantic's union-branch tags (e.g. 'literal['all']', 'list[str]').
     loc = [p for p in loc if not (isinstance(p, str) and ("[" in p or p in ("str", "int")))]
-    path = _fmt_loc(loc)
+    shown_loc = [p for i, p in enumerate(loc)
+                 if not (p in KINDS and i >= 2 and loc[0] == "analyses")]  # union tags
+    path = _fmt_loc(shown_loc)
     if e["type"] == "extra_forbidden":
         choices = _field_choices(loc)
         near = difflib.get_close_matches(str(loc[-1]), choices, n=1)
@@ -233,7 +179,23 @@ def _one_line(err: ValidationError) -> str:
 
 
 def parse_config(raw: Mapping[str, Any] | None, source: str = "<config>") -> ExperimentConfig:
-    """Validate a mapping into an :class:`ExperimentConfig` (raises :class:`ConfigError`)."""
+    """Validate a mapping into an :class:`ExperimentConfig` (raises :class:`ConfigError`).
+
+    Args:
+      raw: the config as plain data (e.g. loaded YAML); ``None`` is the empty config
+        (every field at its default).
+      source: where ``raw`` came from, named in error messages.
+
+    Returns:
+      The validated, frozen :class:`ExperimentConfig`, analyses as their kinds' config
+      classes.
+
+    Raises:
+      ConfigError: ``raw`` is not a mapping, a field is unknown or has a bad value (one
+        line naming the field's path, the value and the valid choices), or the sections
+        do not fit together (an analysis's own checks; a ``noise`` or ``linearized`` loss
+        term without ``site`` and ``noise``).
+    """
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
@@ -249,34 +211,7 @@ def parse_config(raw: Mapping[str, Any] | None, source: str = "<config>") -> Exp
 
 def _cross_checks(cfg: ExperimentConfig) -> None:
     for i, a in enumerate(cfg.analyses):
-        where = f"analyses[{i}]"
-        if a.kind != "gaussian_attack" and a.levels is None:
-            raise ConfigError(f"config error at {where}.levels: a {a.kind} analysis needs a "
-                              "non-empty list of noise levels")
-        if a.kind == "gaussian_attack" and a.budget is None:
-            raise ConfigError(f"config error at {where}.budget: a gaussian_attack needs a budget "
-                              "(> 0) on the root-mean-square input change")
-        if a.kind in ("moments_tightness", "sensitivity_map", "gaussian_attack"):
-            continue
-        if a.noise is None:
-            raise ConfigError(f"config error at {where}.noise: a {a.kind} analysis needs a noise "
-                              "law (e.g. {law: relative_norm})")
-        if "moments" in a.estimators and a.kind != "input_noise":
-            raise ConfigError(f"config error at {where}.estimators: 'moments' applies to "
-                              f"input_noise analyses only, not {a.kind}")
-        if a.kind == "weight_noise" and a.noise.law not in ("weight_relative", "relative_norm",
-                                                           "multiplicative", "absolute"):
-            raise ConfigError(f"config error at {where}.noise.law: {a.noise.law!r} cannot perturb "
-                              "weights")
-        if a.kind != "weight_noise" and a.noise.law == "weight_relative":
-            raise ConfigError(
-                f"config error at {where}.noise.law: 'weight_relative' applies to weight sites "
-                f"only (kind: weight_noise); for {a.kind} use relative_norm, absolute or "
-                "multiplicative"
-            )
-        if a.kind == "input_noise" and a.sites != "all" and a.sites != ["input"]:
-            raise ConfigError(f"config error at {where}.sites: input_noise has the one site "
-                              f"'input'; got {a.sites!r}")
+        a.check(f"analyses[{i}]")
     for i, t in enumerate(cfg.train.loss):
         if t.kind in ("noise", "linearized") and (t.site is None or t.noise is None):
             raise ConfigError(f"config error at train.loss[{i}]: a {t.kind!r} term needs "
@@ -309,7 +244,23 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict:
-    """Apply ``key.path=value`` overrides (values parsed as YAML) to a raw config."""
+    """Apply ``key.path=value`` overrides (values parsed as YAML) to a raw config.
+
+    Args:
+      raw: the raw (unvalidated) config; not modified.
+      overrides: ``"key.path=value"`` strings applied in order, e.g.
+        ``"train.epochs=3"`` or ``"analyses.0.levels=[0.1, 0.2]"``. A digit key indexes
+        into a list; missing or null sections on the way are created. A value that is not
+        valid YAML is kept as the string.
+
+    Returns:
+      A deep copy of ``raw`` with the overrides set (validate it with
+      :func:`parse_config`).
+
+    Raises:
+      ConfigError: an override without ``=`` or with an empty key, a path through a value
+        that is no section, or a list index out of range.
+    """
     tree = copy.deepcopy(dict(raw))
     for item in overrides:
         if "=" not in item:
@@ -348,11 +299,27 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def builtin_experiments() -> dict[str, Path]:
-    """Built-in experiment configs shipped with the package: ``{name: path}``."""
+    """Built-in experiment configs shipped with the package: ``{name: path}``.
+
+    Returns:
+      ``{file stem: path}`` of every ``*.yaml`` in the package's ``experiments`` folder,
+      sorted by file name.
+    """
     return {p.stem: p for p in sorted(EXPERIMENTS_DIR.glob("*.yaml"))}
 
 
 def builtin_path(name: str) -> Path:
+    """The config file of a built-in experiment.
+
+    Args:
+      name: a key of :func:`builtin_experiments` (e.g. ``"noise_propagation"``).
+
+    Returns:
+      The path of the experiment's YAML file inside the package.
+
+    Raises:
+      ConfigError: ``name`` is no built-in experiment (the message lists them).
+    """
     exps = builtin_experiments()
     if name not in exps:
         raise ConfigError(f"unknown built-in experiment {name!r}; choose one of {sorted(exps)}")
@@ -370,12 +337,36 @@ def resolve_source(spec: str | None) -> Path:
 
 
 def load_config(spec: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Load, override and validate a config (path or built-in name)."""
+    """Load, override and validate a config (path or built-in name).
+
+    Args:
+      spec: a YAML file (a path ending in ``.yaml`` / ``.yml``, or any existing path) or
+        the name of a built-in experiment (:func:`builtin_experiments`); ``None`` is the
+        built-in ``noise_propagation``.
+      overrides: ``"key.path=value"`` strings applied before validation (see
+        :func:`apply_overrides`).
+
+    Returns:
+      The validated :class:`ExperimentConfig`.
+
+    Raises:
+      ConfigError: unknown built-in name, missing file, invalid YAML or a top level that
+        is not a mapping, a bad override, or a config that does not validate (see
+        :func:`parse_config`).
+    """
     path = resolve_source(None if spec is None else str(spec))
     raw = apply_overrides(read_yaml(path), overrides)
     return parse_config(raw, str(path))
 
 
 def to_dict(cfg: ExperimentConfig) -> dict:
-    """The resolved config as plain data (for config.yaml in a run directory)."""
+    """The resolved config as plain data (for config.yaml in a run directory).
+
+    Args:
+      cfg: a validated config.
+
+    Returns:
+      Every field, defaults included, as JSON-compatible data (dicts, lists, strings,
+      numbers, booleans, ``None``); :func:`parse_config` of it gives an equal config.
+    """
     return cfg.model_dump(mode="json")

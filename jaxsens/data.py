@@ -141,11 +141,12 @@ class Dataset:
     def flat(self) -> Dataset:
         """Returns a copy with every input flattened to a vector ``(n, prod(input_shape))``."""
 
-        def f(x: np.ndarray | None) -> np.ndarray | None:
-            return None if x is None else x.reshape(x.shape[0], -1).copy()
+        def f(x: np.ndarray) -> np.ndarray:
+            return x.reshape(x.shape[0], -1).copy()
 
         return dataclasses.replace(
-            self, x_train=f(self.x_train), x_test=f(self.x_test), x_val=f(self.x_val)
+            self, x_train=f(self.x_train), x_test=f(self.x_test),
+            x_val=None if self.x_val is None else f(self.x_val),
         )
 
     def replace(self, **changes: Any) -> Dataset:
@@ -248,7 +249,7 @@ def _download(urls: Sequence[str], dest: Path, expected: str | None) -> None:
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-                for block in iter(lambda r=response: r.read(1 << 20), b""):
+                while block := response.read(1 << 20):
                     out.write(block)
             if expected is not None:
                 algorithm = _check_digest_format(dest.name, expected)
@@ -391,7 +392,7 @@ def load_digits(
 
 # IDX header: two zero bytes, a type code, the number of dimensions, then one big-endian
 # uint32 per dimension (http://yann.lecun.com/exdb/mnist/, "FILE FORMATS").
-_IDX_DTYPES = {
+_IDX_DTYPES: dict[int, np.dtype] = {
     0x08: np.dtype(np.uint8),
     0x09: np.dtype(np.int8),
     0x0B: np.dtype(">i2"),
@@ -1051,7 +1052,7 @@ def subsample(
         ValueError: A requested size exceeds the available examples or is not positive.
     """
     rng = np.random.default_rng(_seed_sequence(seed))
-    changes: dict[str, np.ndarray] = {}
+    changes: dict[str, Any] = {}
     for part, n, x, y in (
         ("train", n_train, dataset.x_train, dataset.y_train),
         ("test", n_test, dataset.x_test, dataset.y_test),
@@ -1156,7 +1157,23 @@ def normalize(
 
 
 def apply_normalization(dataset: Dataset, stats: NormStats) -> Dataset:
-    """Applies saved :class:`NormStats` to every split of ``dataset``."""
+    """Applies saved :class:`NormStats` to every split of ``dataset``.
+
+    Every input becomes ``(x − stats.shift) / stats.scale`` per channel (last axis), e.g. to
+    normalize a test set with the statistics :func:`normalize` computed on the training set
+    (restored with :meth:`NormStats.from_dict`).
+
+    Args:
+        dataset: The dataset; its inputs have ``C`` channels on the last axis.
+        stats: The statistics, ``shift`` and ``scale`` of shape ``(C,)``.
+
+    Returns:
+        A new :class:`Dataset` whose ``x_train``, ``x_test`` and ``x_val`` (if any) are
+        normalized float32 arrays of the same shapes; labels and metadata are unchanged.
+
+    Raises:
+        ValueError: ``stats`` has a different number of channels than the inputs.
+    """
     channels = dataset.x_train.shape[-1]
     if stats.shift.shape != (channels,) or stats.scale.shape != (channels,):
         raise ValueError(
@@ -1177,7 +1194,16 @@ def apply_normalization(dataset: Dataset, stats: NormStats) -> Dataset:
 
 
 def num_batches(n: int, batch_size: int, *, drop_last: bool = False) -> int:
-    """Number of batches :func:`batches` yields for ``n`` examples."""
+    """Number of batches :func:`batches` yields for ``n`` examples.
+
+    Args:
+        n: Number of examples.
+        batch_size: Examples per batch, >= 1.
+        drop_last: Whether the final incomplete batch is dropped.
+
+    Returns:
+        ``⌊n / batch_size⌋`` with ``drop_last``, else ``⌈n / batch_size⌉``.
+    """
     return n // batch_size if drop_last else -(-n // batch_size)
 
 
@@ -1237,7 +1263,12 @@ _LOADERS: dict[str, Callable[..., Dataset]] = {
 
 
 def available() -> tuple[str, ...]:
-    """Names accepted by :func:`load`."""
+    """Names accepted by :func:`load`.
+
+    Returns:
+        The registered dataset names in registry order (``"digits"``, ``"digits8x8"``,
+        ``"mnist"``, ``"fashion_mnist"``, ``"cifar10"``, ``"teacher"``, ``"gaussian"``).
+    """
     return tuple(_LOADERS)
 
 

@@ -25,17 +25,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, Literal, Protocol, cast, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, Int
 
+from . import montecarlo
 from . import noise as noise_lib
-from .estimators._core import _sandwiches
-from .sites import INPUT, Structure
+from .chain import param
+from .estimators import sandwiches
+from .moments import METHODS, noisy_cross_entropy, split_sites
+from .sites import INPUT, PureModel, Structure
 
 __all__ = [
     "LossTerm",
@@ -47,6 +50,7 @@ __all__ = [
     "WeightedSum",
     "total_loss",
     "term_names",
+    "normalize_terms",
     "LOSSES",
     "make_loss",
 ]
@@ -63,13 +67,6 @@ def _as_input(struct: Structure, x: jax.Array) -> jax.Array:
             f"x has per-example shape {tuple(x.shape[1:])} but the model takes {want}"
         )
     return x.reshape(x.shape[0], *want)
-
-
-def _param_value(params, path):
-    node = params
-    for p in path:
-        node = node[p]
-    return node.get_value() if hasattr(node, "get_value") else node
 
 
 def _float_dtype(params, x: jax.Array):
@@ -107,23 +104,23 @@ def _flat_logits(struct: Structure, params, rest, x: jax.Array) -> jax.Array:
 
 
 # --------------------------------------------------------------------------- protocol
-class LossTerm:
-    """Base class (protocol) of the loss terms.
+@runtime_checkable
+class LossTerm(Protocol):
+    """What every loss term is: ``term(struct, params, rest, x, y, key) -> (batch,)``.
 
-    Subclasses are frozen dataclasses with a class-level ``name`` (the registry key) and
-
-        __call__(struct, params, rest, x, y, key) -> Float[Array, "batch"]
-
-    where ``struct`` is a :class:`jaxsens.sites.Structure`, ``params``/``rest`` its arrays,
+    Terms are frozen dataclasses with a class-level ``name`` (the registry key);
+    ``struct`` is a :class:`jaxsens.sites.Structure`, ``params``/``rest`` its arrays,
     ``x`` inputs ``(batch, *input_shape)`` (or any layout with the same size per example),
     ``y`` integer labels ``(batch,)`` and ``key`` a JAX PRNG key. The result is one loss
-    value per example; reduce it (mean) in the caller.
+    value per example; the caller reduces it (mean), as with optax losses. The built-in
+    terms subclass this protocol to inherit the default :meth:`check`.
     """
 
-    name: ClassVar[str] = "term"
+    name: ClassVar[str]
 
     def check(self, struct: Structure) -> None:
         """Raise a one-line ValueError if the term does not fit the model (before tracing)."""
+        return None
 
     def __call__(
         self,
@@ -133,8 +130,7 @@ class LossTerm:
         x: Float[Array, "batch ..."],
         y: Int[Array, " batch"],
         key: jax.Array,
-    ) -> Float[Array, " batch"]:
-        raise NotImplementedError
+    ) -> Float[Array, " batch"]: ...
 
 
 # --------------------------------------------------------------------------- terms
@@ -203,15 +199,14 @@ class NoiseLoss(LossTerm):
         info = _check_site_law(struct, self.site, self.noise)
         x = _as_input(struct, x)
         batch = x.shape[0]
-        keys = jax.random.split(key, self.num_samples)
         if info.kind == "activation":
-            out0, values = struct.apply(params, rest, x, return_values=True)
+            out0, values = struct.apply_with_values(params, rest, x)
         else:
             out0, values = struct.apply(params, rest, x), {}
         out0 = out0.reshape(batch, -1)
 
         if info.kind == "weight":
-            w = _param_value(params, info.path)
+            w = param(params, info.path)
 
             def noisy(k):
                 return struct.apply(params, rest, x, {self.site: self.noise.sample(k, w)})
@@ -224,14 +219,16 @@ class NoiseLoss(LossTerm):
                     ex, h)
                 return struct.apply(params, rest, x, {self.site: eta})
 
-        # vmapped over draws with params and x unbatched: the prefix before the site is
-        # computed once (DESIGN §2, prefix reuse).
-        outs = jax.vmap(noisy)(keys).reshape(self.num_samples, batch, -1)
-        if self.target == "output":
-            per = jnp.sum(jnp.square(outs - out0[None]), axis=-1)
-        else:
-            per = jax.vmap(lambda o: optax.softmax_cross_entropy_with_integer_labels(o, y))(outs)
-        return jnp.mean(per, axis=0)
+        def draw(k):
+            out = noisy(k).reshape(batch, -1)
+            if self.target == "output":
+                return jnp.sum(jnp.square(out - out0), axis=-1)
+            return optax.softmax_cross_entropy_with_integer_labels(out, y)
+
+        # All draws in one chunk (vmapped) with params and x unbatched: the prefix before
+        # the site is computed once (DESIGN §2, prefix reuse).
+        return montecarlo.average(draw, key, num_samples=self.num_samples,
+                                  chunk=self.num_samples).mean
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -282,7 +279,7 @@ class JacobianPenalty(LossTerm):
         v = v / jnp.linalg.norm(v, axis=-1, keepdims=True)
 
         if info.kind == "weight":
-            w = _param_value(params, info.path)
+            w = param(params, info.path)
 
             def per_example(x1, v1):
                 def f(d):
@@ -340,8 +337,8 @@ class LinearizedPenalty(LossTerm):
         x = x.astype(_float_dtype(params, x))
         # The estimator's own jitted core (check_inputs in jaxsens.linearized reads concrete
         # values, which a traced train step does not have). chunk = batch: fully vmapped.
-        ((m, _, _),) = _sandwiches(struct, params, rest, x, (self.noise,),
-                                   sites=(self.site,), chunk=x.shape[0])
+        ((m, _, _),) = sandwiches(struct, params, rest, x, (self.noise,),
+                                  sites=(self.site,), chunk=x.shape[0])
         return jnp.trace(m, axis1=-2, axis2=-1)
 
 
@@ -382,8 +379,6 @@ class ExpectedGaussianLoss(LossTerm):
     split_at: str | None = None
 
     def __post_init__(self):
-        from .moments import METHODS
-
         if (isinstance(self.sigma, bool) or not isinstance(self.sigma, int | float)
                 or not math.isfinite(self.sigma) or self.sigma <= 0):
             raise ValueError(f"ExpectedGaussianLoss sigma must be a finite number > 0, got "
@@ -393,9 +388,6 @@ class ExpectedGaussianLoss(LossTerm):
                              f"{list(METHODS)}")
 
     def check(self, struct):
-        from .moments import split_sites
-        from .sites import PureModel
-
         if struct.chain is None:
             raise ValueError("ExpectedGaussianLoss needs a model with a layer_chain() (as "
                              "jaxsens.models MLP and LeNet provide)")
@@ -406,9 +398,6 @@ class ExpectedGaussianLoss(LossTerm):
                                  f"ReLU site after a dense layer; allowed: {list(allowed)}")
 
     def __call__(self, struct, params, rest, x, y, key):
-        from .moments import noisy_cross_entropy
-        from .sites import PureModel
-
         del key
         x = _as_input(struct, x)
         x = x.astype(_float_dtype(params, x))
@@ -417,7 +406,23 @@ class ExpectedGaussianLoss(LossTerm):
 
 
 # --------------------------------------------------------------------------- combining
-def _normalize_terms(terms) -> tuple[tuple[float, LossTerm], ...]:
+def normalize_terms(
+    terms: LossTerm | Sequence[tuple[float, LossTerm] | LossTerm],
+) -> tuple[tuple[float, LossTerm], ...]:
+    """``(weight, term)`` pairs from a term, a list of terms or of pairs (weight 1 default).
+
+    Args:
+      terms: a :class:`LossTerm`, or a sequence whose entries are loss terms or
+        ``(weight, term)`` pairs (tuples or lists of two).
+
+    Returns:
+      ``((weight, term), ...)`` in the given order; a bare term gets weight ``1.0``, a
+      pair's weight is kept as given.
+
+    Raises:
+      ValueError: an entry that is neither a loss term nor a ``(weight, term)`` pair, or
+        no term at all.
+    """
     if isinstance(terms, LossTerm):
         terms = (terms,)
     out = []
@@ -437,10 +442,21 @@ def _normalize_terms(terms) -> tuple[tuple[float, LossTerm], ...]:
 
 
 def term_names(terms: Sequence[tuple[float, LossTerm]] | Sequence[LossTerm]) -> tuple[str, ...]:
-    """Metric names of the terms: their registry names, ``_1``, ``_2`` ... for repeats."""
+    """Metric names of the terms: their registry names, ``_1``, ``_2`` ... for repeats.
+
+    Args:
+      terms: ``[(weight, term), ...]`` or bare terms, as :func:`normalize_terms` takes.
+
+    Returns:
+      One name per term, in order: the term's ``name`` the first time it occurs, then
+      ``name_1``, ``name_2`` ... (``("cross_entropy", "noise", "noise_1")``).
+
+    Raises:
+      ValueError: as :func:`normalize_terms`.
+    """
     names: list[str] = []
     seen: dict[str, int] = {}
-    for _, term in _normalize_terms(terms):
+    for _, term in normalize_terms(terms):
         n = seen.get(term.name, 0)
         seen[term.name] = n + 1
         names.append(term.name if n == 0 else f"{term.name}_{n}")
@@ -464,7 +480,7 @@ class WeightedSum(LossTerm):
     terms: tuple[tuple[float, LossTerm], ...]
 
     def __post_init__(self):
-        object.__setattr__(self, "terms", _normalize_terms(self.terms))
+        object.__setattr__(self, "terms", normalize_terms(self.terms))
 
     def check(self, struct):
         for _, term in self.terms:
@@ -504,17 +520,19 @@ def total_loss(
       ``(total, {name: batch mean of the unweighted term})`` with names from
       :func:`term_names`.
     """
-    ws = WeightedSum(tuple(terms))
+    ws = WeightedSum(normalize_terms(terms))
     parts = ws.parts(struct, params, rest, x, y, key)
     means = {n: jnp.mean(p) for n, p in parts.items()}
-    total = sum(w * m for (w, _), m in zip(ws.terms, means.values(), strict=True))
+    total = jnp.zeros((), jnp.result_type(*means.values()))
+    for (w, _), m in zip(ws.terms, means.values(), strict=True):
+        total = total + w * m
     return total, means
 
 
 # --------------------------------------------------------------------------- registry
 # Explicit name -> constructor mapping for configs (never getattr on a string). To add a
-# term: subclass LossTerm as a frozen dataclass with a `name` and register it here.
-LOSSES: dict[str, type[LossTerm]] = {
+# term: write a frozen dataclass with a `name` that satisfies LossTerm, register it here.
+LOSSES: dict[str, Callable[..., LossTerm]] = {
     "cross_entropy": CrossEntropy,
     "noise": NoiseLoss,
     "jacobian": JacobianPenalty,
@@ -549,19 +567,23 @@ def make_loss(name: str, **kwargs: Any) -> LossTerm:
       **kwargs: the term's fields. ``noise`` may be a law object or a mapping
         ``{"law": <name in jaxsens.noise.LAWS>, **law_kwargs}``.
 
+    Returns:
+      The term, an instance of ``LOSSES[name]`` built from ``kwargs`` (a ``noise``
+      mapping converted to its law first).
+
     Raises:
       ValueError: unknown name, unknown or missing arguments, bad values (one line).
     """
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; valid: {', '.join(LOSSES)}")
     cls = LOSSES[name]
-    fields = [f.name for f in dataclasses.fields(cls) if f.init]
+    fields = [f.name for f in dataclasses.fields(cast(Any, cls)) if f.init]
     bad = sorted(set(kwargs) - set(fields))
     if bad:
         raise ValueError(
             f"loss {name!r} got unknown argument(s) {bad}; valid: {fields or 'none'}"
         )
-    missing = [f.name for f in dataclasses.fields(cls)
+    missing = [f.name for f in dataclasses.fields(cast(Any, cls))
                if f.init and f.name not in kwargs
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:

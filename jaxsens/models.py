@@ -4,21 +4,28 @@ Every hidden output is marked with Flax's own ``self.perturb(name, h)``, so the 
 work with :mod:`jaxsens` exactly like any user module that marks its sites the same way.
 
 Besides the forward pass, the built-in models describe their layer chain
-(:meth:`MLP.layer_chain`): the ordered list of sites, linear maps, activations and
-pooling steps. The certified :func:`jaxsens.bound` walks that chain; user models can
-implement the same method to get bounds too.
+(:meth:`MLP.layer_chain`, steps from :mod:`jaxsens.chain`): the ordered list of sites,
+linear maps, activations and pooling steps. The certified :func:`jaxsens.bound` and the
+layerwise moments walk that chain; user models can implement the same method to get
+bounds too.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jaxtyping import Array, Float
+
+from .chain import ActivationStep as ActivationStep
+from .chain import ChainStep as ChainStep
+from .chain import LinearStep as LinearStep
+from .chain import PoolStep as PoolStep
+from .chain import SiteStep as SiteStep
 
 __all__ = [
     "ACTIVATIONS",
@@ -48,53 +55,23 @@ ACTIVATIONS: dict[str, tuple[Callable[[jax.Array], jax.Array], float]] = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class SiteStep:
-    """An activation site (or ``"input"``) in the layer chain."""
-
-    name: str
-
-
-@dataclasses.dataclass(frozen=True)
-class LinearStep:
-    """A linear map ``x @ kernel (+ bias)`` or a convolution.
-
-    Attributes:
-      kernel: parameter path of the kernel, e.g. ``"layers/0/kernel"``.
-      bias: parameter path of the bias or ``None``.
-      kind: ``"dense"`` (kernel ``(in, out)``) or ``"conv"`` (kernel ``(kh, kw, in, out)``).
-    """
-
-    kernel: str
-    bias: str | None
-    kind: Literal["dense", "conv"] = "dense"
-
-
-@dataclasses.dataclass(frozen=True)
-class ActivationStep:
-    """An elementwise activation with a Lipschitz constant."""
-
-    name: str
-    lipschitz: float
-
-
-@dataclasses.dataclass(frozen=True)
-class PoolStep:
-    """A parameter-free pooling or reshaping step with its ℓ2 Lipschitz constant."""
-
-    name: str
-    lipschitz: float
-
-
-ChainStep = SiteStep | LinearStep | ActivationStep | PoolStep
-
-
-def mark_site(module: nnx.Module, name: str, value: jax.Array) -> jax.Array:
+def mark_site(module: nnx.Module, name: str, value: Float[Array, "*shape"]
+              ) -> Float[Array, "*shape"]:
     """``module.perturb(name, value)`` inside ``nnx.capture``, the identity outside.
 
     jaxsens always runs models inside ``nnx.capture``. A plain call (training,
     inference) skips ``perturb``, which outside a capture would warn and attach a
     ``Perturbation`` variable to the module.
+
+    Args:
+      module: the module that owns the site (``self`` in ``__call__``).
+      name: the site name, unique within ``module`` (``"h0"``).
+      value: the clean hidden value, ``(batch, *site_shape)``.
+
+    Returns:
+      Inside ``nnx.capture``, ``value`` plus the perturbation stored under ``name`` (the
+      noise jaxsens injects at that site); outside, ``value`` itself. Same shape as
+      ``value``; use the returned array downstream.
     """
     if hasattr(module, "__captures__"):
         return module.perturb(name, value)
@@ -148,7 +125,7 @@ class MLP(nnx.Module):
         self._act, self._lip = _activation(activation)
         self.input_shape = (int(din),)
         sizes = [int(din), *map(int, widths), int(dout)]
-        extra = {}
+        extra: dict[str, Any] = {}
         if kernel_init is not None:
             extra["kernel_init"] = kernel_init
         if bias_init is not None:
@@ -173,7 +150,8 @@ class MLP(nnx.Module):
         n = len(self.layers)
         for i in range(n):
             steps.append(
-                LinearStep(f"layers/{i}/kernel", f"layers/{i}/bias" if self.use_bias else None)
+                LinearStep(("layers", i, "kernel"), ("layers", i, "bias") if self.use_bias
+                           else None)
             )
             if i < n - 1:
                 steps.append(ActivationStep(self.activation_name, self._lip))
@@ -253,14 +231,14 @@ class LeNet(nnx.Module):
         pool_lip = 1.0 / math.sqrt(4.0)
         for i in range(len(self.convs)):
             steps += [
-                LinearStep(f"convs/{i}/kernel", f"convs/{i}/bias", "conv"),
+                LinearStep(("convs", i, "kernel"), ("convs", i, "bias"), "conv"),
                 ActivationStep(self.activation_name, self._lip),
                 PoolStep("avg_pool_2x2", pool_lip),
                 SiteStep(f"c{i}"),
             ]
         n = len(self.dense)
         for i in range(n):
-            steps.append(LinearStep(f"dense/{i}/kernel", f"dense/{i}/bias"))
+            steps.append(LinearStep(("dense", i, "kernel"), ("dense", i, "bias")))
             if i < n - 1:
                 steps += [ActivationStep(self.activation_name, self._lip), SiteStep(f"h{i}")]
         return steps

@@ -22,14 +22,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import ClassVar, Literal
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal, Protocol, cast, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .linalg import spectral_norm_bound
+from .precision import exact
+
 __all__ = [
     "NoiseLaw",
+    "LawDefaults",
     "RelativeNorm",
     "Absolute",
     "FullCovariance",
@@ -52,6 +57,7 @@ class Isotropic:
 
     scale2: jax.Array
 
+    @exact
     def sandwich(self, jac: jax.Array) -> jax.Array:
         """J C Jᵀ for ``jac`` of shape ``(k, *value_shape)``."""
         j = jac.reshape(jac.shape[0], -1)
@@ -65,6 +71,7 @@ class Diagonal:
 
     var: jax.Array
 
+    @exact
     def sandwich(self, jac: jax.Array) -> jax.Array:
         j = jac.reshape(jac.shape[0], -1)
         return (j * self.var.reshape(1, -1)) @ j.T
@@ -77,6 +84,7 @@ class Full:
 
     matrix: jax.Array
 
+    @exact
     def sandwich(self, jac: jax.Array) -> jax.Array:
         j = jac.reshape(jac.shape[0], -1)
         return j @ self.matrix @ j.T
@@ -97,6 +105,14 @@ def _check_level(name: str, level) -> None:
         return  # traced or a pytree placeholder: nothing concrete to check
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {level!r}")
+
+
+def _fmt(level) -> str:
+    """The level for a description; ``traced`` inside a transformation."""
+    try:
+        return f"{float(level):g}"
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return "traced"
 
 
 def _sq_norm(v: jax.Array) -> jax.Array:
@@ -168,25 +184,57 @@ def _norm_ratio_constant(shape: tuple[int, ...], norm: str, rel_tol: float = 1e-
 
 
 # --------------------------------------------------------------------------- laws
-class NoiseLaw:
-    """Base class of the noise laws (see the module docstring for the protocol)."""
+@runtime_checkable
+class NoiseLaw(Protocol):
+    """What every noise law provides (see the module docstring).
 
-    level: jax.Array
-    mean_rule: ClassVar[MeanRule] = "gaussian"
+    Laws are frozen dataclasses registered as pytrees whose data is ``level`` (and a
+    covariance matrix where there is one), so a new level needs no recompilation. The
+    laws here share their defaults through :class:`LawDefaults`; a user law may
+    implement the protocol directly.
+    """
+
+    applies_to: ClassVar[tuple[str, ...]]
+
+    @property
+    def level(self) -> Any:
+        """ε or σ: the law's scale (data of the pytree)."""
+
+    @property
+    def mean_rule(self) -> MeanRule: ...
+
+    def with_level(self, level) -> NoiseLaw: ...
+
+    def describe(self) -> str: ...
+
+    def sample(self, key: jax.Array, value: jax.Array) -> jax.Array: ...
+
+    def covariance(self, value: jax.Array) -> Covariance: ...
+
+    def radius(self, value: jax.Array) -> tuple[jax.Array, bool]: ...
+
+    def operator_radius(self, value: jax.Array) -> tuple[jax.Array, bool]: ...
+
+    def mean_factor(self, value: jax.Array) -> jax.Array: ...
+
+    def check_shape(self, shape: tuple[int, ...]) -> None: ...
+
+
+class LawDefaults:
+    """Defaults the built-in laws share (a mixin of plain methods)."""
+
     applies_to: ClassVar[tuple[str, ...]] = ("input", "activation", "weight")
 
-    def with_level(self, level) -> NoiseLaw:
+    @property
+    def mean_rule(self) -> MeanRule:
+        return "gaussian"
+
+    def with_level(self, level):
         """The same law at another level."""
-        return dataclasses.replace(self, level=level)
+        return dataclasses.replace(cast(Any, self), level=level)
 
-    def describe(self) -> str:
-        raise NotImplementedError
-
-    def sample(self, key: jax.Array, value: jax.Array) -> jax.Array:
-        raise NotImplementedError
-
-    def covariance(self, value: jax.Array) -> Covariance:
-        raise NotImplementedError
+    def check_shape(self, shape: tuple[int, ...]) -> None:
+        """Raise a one-line ValueError if the law cannot apply to values of ``shape``."""
 
     def radius(self, value: jax.Array) -> tuple[jax.Array, bool]:
         raise NotImplementedError
@@ -200,15 +248,19 @@ class NoiseLaw:
         return jnp.ones((), value.dtype)
 
 
-def _law(cls):
-    cls = dataclasses.dataclass(frozen=True)(cls)
-    meta = [f.name for f in dataclasses.fields(cls) if f.name != "level" and f.name != "cov"]
-    data = [f.name for f in dataclasses.fields(cls) if f.name in ("level", "cov")]
-    return jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=meta)
+def _pytree(*data: str):
+    """Register a frozen dataclass as a pytree: ``data`` fields are leaves, the rest static."""
+
+    def register(cls):
+        meta = [f.name for f in dataclasses.fields(cls) if f.name not in data]
+        return jax.tree_util.register_dataclass(cls, data_fields=list(data), meta_fields=meta)
+
+    return register
 
 
-@_law
-class RelativeNorm(NoiseLaw):
+@_pytree("level")
+@dataclasses.dataclass(frozen=True)
+class RelativeNorm(LawDefaults):
     """Noise whose norm is ``level`` times the norm of the clean value.
 
     * ``reading="sphere"`` (default): η = ε‖v‖ · g/‖g‖, exactly ‖η‖ = ε‖v‖.
@@ -229,11 +281,11 @@ class RelativeNorm(NoiseLaw):
             )
 
     @property
-    def mean_rule(self) -> MeanRule:  # type: ignore[override]
+    def mean_rule(self) -> MeanRule:
         return "sphere" if self.reading == "sphere" else "gaussian"
 
     def describe(self) -> str:
-        return f"relative-norm({self.reading}) ε={float(self.level):g}"
+        return f"relative-norm({self.reading}) ε={_fmt(self.level)}"
 
     def sample(self, key, value):
         g = jax.random.normal(key, value.shape, value.dtype)
@@ -258,8 +310,9 @@ class RelativeNorm(NoiseLaw):
         return jnp.asarray(math.sqrt(n) * math.exp(-log_eg), value.dtype)
 
 
-@_law
-class Absolute(NoiseLaw):
+@_pytree("level")
+@dataclasses.dataclass(frozen=True)
+class Absolute(LawDefaults):
     """Isotropic Gaussian noise η ~ N(0, σ² I) with σ = ``level``."""
 
     level: float = 0.1
@@ -268,7 +321,7 @@ class Absolute(NoiseLaw):
         _check_level("Absolute level (sigma)", self.level)
 
     def describe(self) -> str:
-        return f"absolute gaussian σ={float(self.level):g}"
+        return f"absolute gaussian σ={_fmt(self.level)}"
 
     def sample(self, key, value):
         return self.level * jax.random.normal(key, value.shape, value.dtype)
@@ -280,8 +333,9 @@ class Absolute(NoiseLaw):
         return jnp.asarray(self.level * math.sqrt(value.size), value.dtype), False
 
 
-@_law
-class FullCovariance(NoiseLaw):
+@_pytree("cov", "level")
+@dataclasses.dataclass(frozen=True)
+class FullCovariance(LawDefaults):
     """Gaussian noise with a full covariance, η ~ N(0, level² Σ) (inputs, small sites).
 
     Args:
@@ -289,7 +343,7 @@ class FullCovariance(NoiseLaw):
       level: a scale on the standard deviation (levels in :func:`jaxsens.profile`).
     """
 
-    cov: jax.Array = None  # type: ignore[assignment]
+    cov: Any = None
     level: float = 1.0
     applies_to: ClassVar[tuple[str, ...]] = ("input", "activation")
 
@@ -308,14 +362,18 @@ class FullCovariance(NoiseLaw):
             )
 
     def describe(self) -> str:
-        return f"full-covariance gaussian (n={self.cov.shape[0]}) scale={float(self.level):g}"
+        return f"full-covariance gaussian (n={self.cov.shape[0]}) scale={_fmt(self.level)}"
 
-    def _check(self, value):
-        if value.size != self.cov.shape[0]:
+    def check_shape(self, shape):
+        size = math.prod(shape)
+        if size != self.cov.shape[0]:
             raise ValueError(
                 f"FullCovariance cov is {self.cov.shape[0]}x{self.cov.shape[0]} but the site "
-                f"has {value.size} values (shape {value.shape})"
+                f"has {size} values (shape {tuple(shape)})"
             )
+
+    def _check(self, value):
+        self.check_shape(value.shape)
 
     def sample(self, key, value):
         self._check(value)
@@ -333,8 +391,9 @@ class FullCovariance(NoiseLaw):
         return self.level * jnp.sqrt(jnp.trace(self.cov)).astype(value.dtype), False
 
 
-@_law
-class WeightRelative(NoiseLaw):
+@_pytree("level")
+@dataclasses.dataclass(frozen=True)
+class WeightRelative(LawDefaults):
     """Weight noise Δ with ‖Δ‖ = ``level`` · ‖W‖ in a chosen norm.
 
     * ``norm="frobenius"``: Δ = ε‖W‖_F · G/‖G‖_F (the sphere reading of RelativeNorm);
@@ -360,11 +419,11 @@ class WeightRelative(NoiseLaw):
             )
 
     @property
-    def mean_rule(self) -> MeanRule:  # type: ignore[override]
+    def mean_rule(self) -> MeanRule:
         return "sphere" if self.norm == "frobenius" else "approx"
 
     def describe(self) -> str:
-        return f"weight-relative({self.norm}) ε={float(self.level):g}"
+        return f"weight-relative({self.norm}) ε={_fmt(self.level)}"
 
     def _norm(self, value):
         if self.norm == "frobenius":
@@ -377,6 +436,13 @@ class WeightRelative(NoiseLaw):
         g = jax.random.normal(key, value.shape, value.dtype)
         return self.level * self._norm(value) * g / self._norm(g)
 
+    def _norm_upper(self, value):
+        """An upper bound on ``_norm`` (equal to it except for the spectral norm, where a
+        certified Gram-iteration bound replaces the SVD)."""
+        if self.norm == "spectral":
+            return spectral_norm_bound(value)
+        return self._norm(value)
+
     def covariance(self, value):
         if self.norm == "frobenius":
             return Isotropic(self.level**2 * _sq_norm(value) / value.size)
@@ -384,7 +450,7 @@ class WeightRelative(NoiseLaw):
         return Isotropic(self.level**2 * self._norm(value) ** 2 * c)
 
     def radius(self, value):
-        r = self.level * self._norm(value)
+        r = self.level * self._norm_upper(value)
         m = _matrix(value)
         if self.norm == "spectral":
             r = r * math.sqrt(min(m.shape))  # ‖Δ‖_F ≤ √rank ‖Δ‖₂
@@ -393,7 +459,7 @@ class WeightRelative(NoiseLaw):
         return r, True
 
     def operator_radius(self, value):
-        r = self.level * self._norm(value)
+        r = self.level * self._norm_upper(value)
         if self.norm == "linf":
             # W = Δᵀ has `out` rows: ‖Wx‖₂ ≤ √out ‖Wx‖_∞ ≤ √out ‖W‖_∞ ‖x‖_∞ ≤ √out ‖W‖_∞ ‖x‖₂.
             r = r * math.sqrt(_matrix(value).shape[1])
@@ -405,8 +471,9 @@ class WeightRelative(NoiseLaw):
         return jnp.ones((), value.dtype)
 
 
-@_law
-class Multiplicative(NoiseLaw):
+@_pytree("level")
+@dataclasses.dataclass(frozen=True)
+class Multiplicative(LawDefaults):
     """Elementwise multiplicative noise v ⊙ (1 + ε ξ), ξ ~ N(0, 1) (analog hardware).
 
     η = ε v ⊙ ξ; E[ηηᵀ] = diag(ε² v²).
@@ -418,7 +485,7 @@ class Multiplicative(NoiseLaw):
         _check_level("Multiplicative level", self.level)
 
     def describe(self) -> str:
-        return f"multiplicative ε={float(self.level):g}"
+        return f"multiplicative ε={_fmt(self.level)}"
 
     def sample(self, key, value):
         return self.level * value * jax.random.normal(key, value.shape, value.dtype)
@@ -431,7 +498,7 @@ class Multiplicative(NoiseLaw):
 
 
 # Explicit name -> constructor mapping for configs (never getattr on a string).
-LAWS: dict[str, type[NoiseLaw]] = {
+LAWS: dict[str, Callable[..., NoiseLaw]] = {
     "relative_norm": RelativeNorm,
     "absolute": Absolute,
     "full_covariance": FullCovariance,

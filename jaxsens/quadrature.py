@@ -1,4 +1,8 @@
-"""E‖z‖ for a centred Gaussian z ~ N(0, M), exactly, from the eigenvalues of M."""
+"""E‖z‖ of a Gaussian vector by a 1-D quadrature, exactly to rounding (DESIGN §3.2).
+
+Shared numerics: the linearized estimator's E‖Jη‖ and the moments' E‖ΔF‖ both use the
+trapezoid rule in log t defined here (``STEP``, ``NODES``).
+"""
 
 from __future__ import annotations
 
@@ -7,25 +11,28 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Float
 
-__all__ = ["gaussian_norm_mean", "gaussian_norm_mean_from_eigs"]
+from .precision import exact
+
+__all__ = ["gaussian_norm_mean", "gaussian_norm_mean_from_eigs", "STEP", "NODES"]
 
 # Trapezoid rule in u = log t. With λ normalised to sum 1 the integrand decays like
 # e^{-|u|/2} on both sides and is analytic in the strip |Im u| < π (its branch points
 # sit at 1 + 2λe^u = 0), so the rule's error is ~exp(-2π²/h): h = 0.5 gives ~1e-17.
-_STEP = 0.5
-_U = np.arange(-70.0, 75.0 + _STEP, _STEP)
+STEP = 0.5
+NODES = np.arange(-70.0, 75.0 + STEP, STEP)
 
 
 def _integrals(lam: jax.Array):
     """(I0, I1_i): E‖z‖ = I0 and ∂E‖z‖/∂λ_i = I1_i for eigenvalues ``lam`` (sum 1)."""
-    u = jnp.asarray(_U, lam.dtype)
+    u = jnp.asarray(NODES, lam.dtype)
     t = jnp.exp(u)
     # log Π (1 + 2tλ_i)^{-1/2}
     logs = jnp.log1p(2.0 * t[:, None] * lam[None, :])
     logp = -0.5 * jnp.sum(logs, axis=1)
     one_minus_p = -jnp.expm1(logp)
-    w = _STEP * jnp.exp(-0.5 * u) / (2.0 * math.sqrt(math.pi))
+    w = STEP * jnp.exp(-0.5 * u) / (2.0 * math.sqrt(math.pi))
     i0 = jnp.sum(w * one_minus_p)
     # ∂/∂λ_i [1 − Π] = Π · t / (1 + 2tλ_i)
     d = jnp.exp(logp)[:, None] * (t[:, None] / (1.0 + 2.0 * t[:, None] * lam[None, :]))
@@ -34,11 +41,22 @@ def _integrals(lam: jax.Array):
 
 
 @jax.custom_jvp
-def gaussian_norm_mean_from_eigs(lam: jax.Array) -> jax.Array:
+def gaussian_norm_mean_from_eigs(lam: Float[Array, " k"]) -> Float[Array, ""]:
     """E‖z‖ for z ~ N(0, diag(lam)), ``lam >= 0``.
 
     E‖z‖ = 1/(2√π) ∫₀^∞ [1 − Π_i (1 + 2tλ_i)^{−1/2}] t^{−3/2} dt  (DESIGN §3.2),
     from E‖z‖ = 1/(2√π) ∫ (1 − E e^{−t‖z‖²}) t^{−3/2} dt.
+
+    Computed for ``lam / Σλ`` by the trapezoid rule in log t on :data:`NODES` and scaled
+    back by E(λ) = √(Σλ) E(λ/Σλ); the derivative ∂E/∂λ_i is a second quadrature of the
+    same integrand (a custom JVP), not autodiff through the rule.
+
+    Args:
+      lam: the variances (eigenvalues of the covariance) ``(k,)``; negative entries
+        (rounding) are clipped to 0.
+
+    Returns:
+      The scalar E‖z‖ (0 when every ``lam`` is 0).
     """
     value, _ = _value_and_grad(lam)
     return value
@@ -63,16 +81,24 @@ def _eigs_jvp(primals, tangents):
 
 
 @jax.custom_jvp
-def gaussian_norm_mean(m: jax.Array) -> jax.Array:
+def gaussian_norm_mean(m: Float[Array, "k k"]) -> Float[Array, ""]:
     """E‖z‖ for z ~ N(0, M), M symmetric PSD ``(k, k)``; differentiable in M.
 
     The derivative of this spectral function is V diag(∂E/∂λ) Vᵀ, well defined also where
     eigenvalues repeat (rank-deficient M), unlike differentiating through eigenvalues.
+
+    Args:
+      m: the covariance ``(k, k)``, symmetric positive semi-definite (its lower triangle
+        is read by ``eigvalsh``; the JVP uses the symmetric part of the tangent).
+
+    Returns:
+      The scalar E‖z‖ = :func:`gaussian_norm_mean_from_eigs` of the eigenvalues of ``m``.
     """
     return gaussian_norm_mean_from_eigs(jnp.linalg.eigvalsh(m))
 
 
 @gaussian_norm_mean.defjvp
+@exact
 def _matrix_jvp(primals, tangents):
     (m,), (dm,) = primals, tangents
     lam, v = jnp.linalg.eigh(m)

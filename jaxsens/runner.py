@@ -17,15 +17,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import yaml
 from flax import nnx
 
 from . import data as data_lib
 from . import losses as losses_lib
 from . import models
+from . import precision as precision_lib
 from . import train as train_lib
+from .analyses import KINDS, Context
 from .config import ConfigError, ExperimentConfig, to_dict
-from .estimators import profile
 from .io import atomic_write_text, write_csv, write_json, write_yaml
+from .report import render_report
+from .sites import split
 
 __all__ = ["run_experiment", "prepare_data", "build_model", "RunResult"]
 
@@ -40,7 +44,28 @@ def _log(msg: str, quiet: bool) -> None:
 
 
 def prepare_data(cfg: ExperimentConfig) -> tuple[data_lib.Dataset, dict]:
-    """Load, subsample and normalize the configured data (deterministic)."""
+    """Load, subsample and normalize the configured data (deterministic).
+
+    The dataset ``cfg.data.name`` is loaded with ``cfg.data.options`` (local-file datasets
+    read from ``cfg.data.path``; synthetic ones are drawn from ``cfg.seed``), subsampled to
+    ``n_train`` / ``n_test`` with ``cfg.seed``, normalized with statistics of its training
+    set (``cfg.data.normalize``) and its train and test inputs cast to float64 or float32
+    by ``cfg.precision``.
+
+    Args:
+      cfg: a validated experiment config.
+
+    Returns:
+      ``(dataset, normalization)``: the :class:`jaxsens.data.Dataset` and its
+      :class:`jaxsens.data.NormStats` as plain data (``NormStats.to_dict()``).
+
+    Raises:
+      ConfigError: ``mnist``, ``fashion_mnist`` or ``cifar10`` without ``data.path``, or
+        options the loader cannot take.
+      ValueError: the loader rejects the options or its files, or a subsample size exceeds
+        the available examples (see :func:`jaxsens.data.load`).
+      FileNotFoundError: a data file is missing.
+    """
     dc = cfg.data
     kwargs = dict(dc.options)
     if dc.name in ("mnist", "fashion_mnist", "cifar10"):
@@ -63,7 +88,22 @@ def prepare_data(cfg: ExperimentConfig) -> tuple[data_lib.Dataset, dict]:
 
 
 def build_model(cfg: ExperimentConfig, ds: data_lib.Dataset) -> nnx.Module:
-    """The configured model, initialized from the config's seed."""
+    """The configured model, initialized from the config's seed.
+
+    Args:
+      cfg: a validated experiment config (its ``model`` section, ``seed`` and
+        ``precision``).
+      ds: the prepared data, which fixes the input shape and the number of classes.
+
+    Returns:
+      A :class:`jaxsens.models.MLP` (input size ``prod(ds.input_shape)``) or a
+      :class:`jaxsens.models.LeNet`, with ``ds.num_classes`` outputs, parameters of the
+      configured precision drawn from ``fold_in(key(cfg.seed), 1)``.
+
+    Raises:
+      ConfigError: ``lenet`` on data that are not ``(H, W, C)`` images with ``H`` and
+        ``W`` divisible by 4.
+    """
     mc = cfg.model
     rngs = nnx.Rngs(params=jax.random.fold_in(jax.random.key(cfg.seed), 1))
     dtype = jnp.float64 if cfg.precision == "float64" else jnp.float32
@@ -95,8 +135,6 @@ def _loss_terms(cfg: ExperimentConfig):
 def _check_run_dir(run_dir: Path, resolved: dict) -> None:
     cfg_file = run_dir / "config.yaml"
     if cfg_file.exists():
-        import yaml
-
         old = yaml.safe_load(cfg_file.read_text()) or {}
         strip = {k: v for k, v in resolved.items() if k != "output"}
         old = {k: v for k, v in old.items() if k != "output"}
@@ -129,8 +167,6 @@ def _write_metrics(run_dir: Path, history: list[dict]) -> None:
 
 
 def _accuracy(model: nnx.Module, x, y, batch: int = 1024) -> float:
-    from .sites import split
-
     pm = split(model)
     fn = jax.jit(lambda p, r, xb: pm.structure.apply(p, r, xb))
     correct = 0
@@ -140,139 +176,25 @@ def _accuracy(model: nnx.Module, x, y, batch: int = 1024) -> float:
     return correct / len(x)
 
 
-def _analysis_sites(a, model) -> dict[str, Any]:
-    from .sites import split
-
-    pm = split(model)
-    if a.kind == "input_noise":
-        return {"sites": ["input"]}
-    if a.kind == "activation_noise":
-        sites = list(pm.activation_sites) if a.sites == "all" else list(a.sites)
-        return {"sites": sites}
-    kernels = [n for n in pm.weight_sites if len(pm.site(n).shape) >= 2]
-    return {"sites": [], "weight_sites": kernels if a.sites == "all" else list(a.sites)}
-
-
-def _run_tightness(a, model, x, key, index: int) -> list[dict]:
-    from .moments import tightness_study
-
-    try:
-        rows = tightness_study(model, x, sigmas=a.levels, key=key, num_samples=a.samples,
-                               split_at=a.split_at)
-    except ValueError as err:
-        raise ConfigError(f"config error at analyses[{index}]: {err}") from None
-    for r in rows:
-        r.update(analysis=a.label, estimator="tightness", site="input")
-    return rows
-
-
-def _run_sensitivity_map(a, model, x, index: int) -> list[dict]:
-    from .moments import sensitivity_map
-
-    rows = []
-    for sigma in a.levels:
-        for b in range(x.shape[0]):
-            try:
-                smap = sensitivity_map(model, x[b], sigma=sigma, region=a.region,
-                                       method=a.moments_method, split_at=a.split_at,
-                                       image_shape=tuple(x.shape[1:]) if x.ndim >= 3 else None)
-            except ValueError as err:
-                raise ConfigError(f"config error at analyses[{index}]: {err}") from None
-            flat = np.sort(np.asarray(smap, dtype=np.float64).reshape(-1))[::-1]
-            top = max(1, len(flat) // 10)
-            rows.append({"analysis": a.label, "estimator": "sensitivity_map", "site": "input",
-                         "level": float(sigma), "example": b, "map_shape": list(smap.shape),
-                         "total": float(flat.sum()), "top10_fraction": float(
-                             flat[:top].sum() / flat.sum()) if flat.sum() > 0 else None,
-                         "map": np.asarray(smap, dtype=np.float64).reshape(-1).tolist(),
-                         "input_shape": list(x.shape[1:]),
-                         "image": np.asarray(x[b], dtype=np.float64).reshape(-1).tolist()})
-    return rows
-
-
-def _run_attack(a, model, x, y, key, index: int) -> list[dict]:
-    from .moments import check_attack, gaussian_noise_attack
-
-    rows = []
-    for b in range(x.shape[0]):
-        if a.target is not None and int(y[b]) == a.target:
-            continue  # already of the target class: nothing to attack
-        kb = jax.random.fold_in(key, b)
-        try:
-            res = gaussian_noise_attack(
-                model, x[b], int(y[b]), budget=a.budget, target=a.target, objective=a.objective,
-                steps=a.steps, learning_rate=a.learning_rate, sparsity=a.sparsity,
-                smoothness=a.smoothness, optimize_mean=a.optimize_mean,
-                method=a.moments_method, split_at=a.split_at,
-                image_shape=tuple(x.shape[1:]) if x.ndim >= 3 else None,
-                key=jax.random.fold_in(kb, 0))
-        except ValueError as err:
-            raise ConfigError(f"config error at analyses[{index}]: {err}") from None
-        chk = check_attack(model, x[b], int(y[b]), res, key=jax.random.fold_in(kb, 1),
-                           num_samples=a.samples)
-        # Baseline: isotropic noise with the same budget and no mean shift.
-        d = res.std.size
-        iso = res._replace(mean_shift=jnp.zeros_like(res.mean_shift),
-                           std=jnp.full_like(res.std, a.budget / np.sqrt(d)))
-        base = check_attack(model, x[b], int(y[b]), iso, key=jax.random.fold_in(kb, 2),
-                            num_samples=a.samples)
-        rows.append({
-            "analysis": a.label, "estimator": "gaussian_attack", "site": "input",
-            "level": float(a.budget), "example": b, "label": int(y[b]),
-            "target": a.target, "objective": a.objective,
-            "predicted_objective": float(res.predicted_objective),
-            "predicted_margin": float(res.predicted_margin),
-            "mc_margin": float(chk.margin), "mc_margin_stderr": float(chk.margin_stderr),
-            "success_rate": float(chk.success_rate),
-            "success_stderr": float(chk.success_stderr),
-            "baseline_success_rate": float(base.success_rate),
-            "baseline_margin": float(base.margin),
-            "mean_shift_norm": float(jnp.linalg.norm(res.mean_shift)),
-            "noise_norm": float(jnp.linalg.norm(res.std)),
-            "mean_shift": np.asarray(res.mean_shift, np.float64).reshape(-1).tolist(),
-            "std": np.asarray(res.std, np.float64).reshape(-1).tolist(),
-            "input_shape": list(x.shape[1:]),
-        })
-    return rows
-
-
 def _run_analysis(a, index: int, model, ds, cfg, quiet: bool) -> list[dict]:
     n = min(a.examples, ds.n_test)
-    x = jnp.asarray(ds.x_test[:n])
-    y = jnp.asarray(ds.y_test[:n])
-    key = jax.random.fold_in(jax.random.key(cfg.seed), 1000 + index)
-    if a.kind == "moments_tightness":
-        return _run_tightness(a, model, x, key, index)
-    if a.kind == "sensitivity_map":
-        return _run_sensitivity_map(a, model, x, index)
-    if a.kind == "gaussian_attack":
-        return _run_attack(a, model, x, y, key, index)
-    where = _analysis_sites(a, model)
-    law = a.noise.build()
-    names = where.get("sites", []) + where.get("weight_sites", [])
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a declared dependency
-        tqdm = None
-    records: list[dict] = []
-    bar = tqdm(names, desc=f"analysis {a.label}", disable=None if not quiet else True,
-               leave=False) if tqdm else names
-    for j, site in enumerate(bar):
-        kw: dict[str, Any] = {}
-        if site in where.get("weight_sites", []):
-            kw = {"sites": [], "weight_noise": law, "weight_sites": [site]}
-        else:
-            kw = {"sites": [site]}
+    ctx = Context(model=model, x=jnp.asarray(ds.x_test[:n]), y=jnp.asarray(ds.y_test[:n]),
+                  key=jax.random.fold_in(jax.random.key(cfg.seed), 1000 + index), index=index,
+                  quiet=quiet)
+    return KINDS[a.kind].run(a, ctx)
+
+
+def validate_against_model(cfg: ExperimentConfig, model: nnx.Module, ds) -> None:
+    """Every check that needs the model but no training: analyses' sites and weight paths,
+    what the moments need, the loss terms' sites. ConfigError before any work."""
+    pm = split(model, jnp.zeros((1, *ds.input_shape), jnp.float32))
+    for i, a in enumerate(cfg.analyses):
+        a.validate_model(f"analyses[{i}]", pm)
+    for i, (_, term) in enumerate(_loss_terms(cfg)):
         try:
-            rows = profile(model, x, noise=law, levels=a.levels, key=jax.random.fold_in(key, j),
-                           estimators=a.estimators, num_samples=a.samples, labels=y,
-                           moments_method=a.moments_method, **kw)
+            term.check(pm.structure)
         except ValueError as err:
-            raise ConfigError(f"config error at analyses[{index}]: {err}") from None
-        for r in rows:
-            r["analysis"] = a.label
-        records += rows
-    return records
+            raise ConfigError(f"config error at train.loss[{i}]: {err}") from None
 
 
 def run_experiment(cfg: ExperimentConfig, run_dir: str | Path | None = None, *,
@@ -280,20 +202,41 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path | None = None, *,
     """Run a validated experiment into ``run_dir`` (resuming whatever is already there).
 
     ``precision: float64`` runs the whole experiment inside ``jax.enable_x64(True)``.
+
+    Data, model and loss terms are built and checked against the model before anything is
+    written; training resumes from the run's checkpoints and finished analyses (same
+    spec) are reused. The directory then holds ``config.yaml``, ``normalization.json``,
+    ``metrics.jsonl``, ``checkpoints/``, ``analyses/*.json``, ``results.json``,
+    ``results.csv`` and, as configured, figures and ``report.md``.
+
+    Args:
+      cfg: a validated experiment config (:func:`jaxsens.config.load_config`).
+      run_dir: the run directory (default: ``cfg.output.dir``, else ``runs/<cfg.name>``
+        relative to the working directory).
+      quiet: no progress messages or progress bars on stderr.
+
+    Returns:
+      A :class:`RunResult`: ``run_dir`` (a ``Path``), ``results`` (the contents of
+      ``results.json``) and ``summary`` (the terminal table of
+      :func:`jaxsens.report.summary_table`).
+
+    Raises:
+      ConfigError: ``run_dir`` holds a run of a different config or other files, or the
+        config does not fit the data or the model (sites, weight paths, loss terms).
+      jaxsens.train.TrainingDiverged: the training loss or gradient became non-finite.
     """
     with jax.enable_x64(cfg.precision == "float64"):
         return _run(cfg, run_dir, quiet)
 
 
 def _run(cfg: ExperimentConfig, run_dir, quiet: bool) -> RunResult:
-    from .report import render_report
-
     run_dir = Path(run_dir or cfg.output.dir or Path("runs") / cfg.name)
     resolved = to_dict(cfg)
     _check_run_dir(run_dir, resolved)
     ds, norm_stats = prepare_data(cfg)
     model = build_model(cfg, ds)
     loss_terms = _loss_terms(cfg)
+    validate_against_model(cfg, model, ds)  # nothing is written before this passes
     run_dir.mkdir(parents=True, exist_ok=True)
     write_yaml(run_dir / "config.yaml", resolved)
     write_json(run_dir / "normalization.json", norm_stats)
@@ -349,6 +292,7 @@ def _run(cfg: ExperimentConfig, run_dir, quiet: bool) -> RunResult:
         "model": {"kind": cfg.model.kind, "widths": list(cfg.model.widths),
                   "activation": cfg.model.activation},
         "clean_test_accuracy": clean_acc,
+        "matmul_precision": precision_lib.describe(),
         "final_train": {k: v for k, v in (history[-1] if history else {}).items()
                         if "time" not in k and "per_s" not in k and "steps_s" not in k},
         "analyses": [{k: v for k, v in a.items() if k != "spec"} for a in analyses_out],

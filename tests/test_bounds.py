@@ -152,7 +152,7 @@ def _pgd_attack(pm, x, site, radius, key, *, steps=200, starts=4):
 
 def _values(pm, x):
     """``js.activations``, jitted (eager execution would compile every op separately)."""
-    return jax.jit(lambda p, x: pm.with_params(p).apply(x, return_values=True)[1])(pm.params, x)
+    return jax.jit(lambda p, x: pm.with_params(p).apply_with_values(x)[1])(pm.params, x)
 
 
 ATTACK_CASES = [

@@ -17,8 +17,7 @@ from scipy.special import gammaln
 
 import jaxsens as js
 from jaxsens import noise
-from jaxsens.estimators import gaussian_norm_mean
-from jaxsens.estimators._core import _sampled_core, _sandwiches
+from jaxsens.estimators import _sampled, gaussian_norm_mean, sandwiches
 
 Z = 4.0
 
@@ -137,7 +136,7 @@ def _reference_covariances(pm, x, sites, eps):
     struct, rest = pm.structure, pm.rest
 
     def per_site(params, x):
-        values = struct.apply(params, rest, x, return_values=True)[1]
+        values = struct.apply_with_values(params, rest, x)[1]
         out = {}
         for site in sites:
             info = pm.site(site)
@@ -178,8 +177,9 @@ def test_one_sweep_all_site_jacobian_equals_per_site_jacrev(x64, make_mlp, make_
     ref = _reference_covariances(pm, x, sites, eps)
 
     # All sites from one reverse sweep (what profile uses).
-    outs = _sandwiches(pm.structure, pm.params, pm.rest, x, (law,) * len(sites), sites=sites,
-                       chunk=x.shape[0])
+    outs = jax.jit(lambda params, x: sandwiches(
+        pm.structure, params, pm.rest, x, (law,) * len(sites), sites=sites,
+        chunk=x.shape[0]))(pm.params, x)
     for s, (m, _, _) in zip(sites, outs, strict=True):
         assert np.max(ref[s]) > 0, s
         np.testing.assert_allclose(m, ref[s], rtol=1e-9, atol=1e-12 * np.max(ref[s]), err_msg=s)
@@ -197,7 +197,7 @@ def test_profile_linearized_rows_equal_individual_calls(x64, make_mlp):
     law0 = noise.Multiplicative(0.5)
     rows = js.profile(model, x, noise=law0, levels=levels, key=jax.random.key(0),
                       weight_noise=law0, weight_sites=PROFILE_SITES[2:],
-                      estimators=("linearized",))
+                      estimators=("linearized",)).to_records()
     assert [r["site"] for r in rows[::len(levels)]] == list(PROFILE_SITES)
     assert len(rows) == 4 * len(levels) and all(r["estimator"] == "linearized" for r in rows)
     for r in rows:
@@ -295,20 +295,18 @@ def test_sampled_compiles_once_per_structure(x64, make_mlp):
     """New parameters, levels and keys reuse the compiled estimator."""
     x = _x((3, 6))
     _sampled_tanh(make_mlp(6, [16, 12], 4, activation="tanh"), x, 0.3, 0)
-    before = _sampled_core._cache_size()
+    before = _sampled._kernel._cache_size()
     for seed, level in [(1, 0.05), (2, 0.9)]:
         _sampled_tanh(make_mlp(6, [16, 12], 4, activation="tanh", seed=seed), x, level, seed)
-    assert _sampled_core._cache_size() == before
+    assert _sampled._kernel._cache_size() == before
 
 
 def test_quantiles_come_from_a_bounded_prefix_of_the_draws():
     """Beyond 10,000 draws the quantiles use the first 10,000 (memory stays bounded)."""
-    from jaxsens.estimators import _core
-
     model = js.models.MLP(6, [8], 3, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 6))
     law = js.noise.RelativeNorm(0.1)
-    n = _core._QUANTILE_DRAWS
+    n = _sampled.QUANTILE_DRAWS
     head = js.sampled(model, x, site="h0", noise=law, key=jax.random.key(3), num_samples=n,
                       chunk_size=1000)
     more = js.sampled(model, x, site="h0", noise=law, key=jax.random.key(3),

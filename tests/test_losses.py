@@ -86,8 +86,15 @@ def test_cnn_term_shape_finite_and_gradient_under_jit(name):
     leaves = jax.tree.leaves(grads)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
     assert any(float(jnp.max(jnp.abs(g))) > 0 for g in leaves)
-    # Same key, same numbers.
-    np.testing.assert_array_equal(np.asarray(val), np.asarray(value_and_grad(pm.params)[0][1]))
+    # Same key, same numbers. Not bitwise: GPUs may reduce in a different order from one
+    # run of the same program to the next (atomics, cuDNN algorithms); a different key
+    # moves a random term by far more than rounding.
+    np.testing.assert_allclose(np.asarray(val), np.asarray(value_and_grad(pm.params)[0][1]),
+                               rtol=1e-6)
+    if not isinstance(term, losses.LinearizedPenalty):  # the other terms draw with the key
+        other = _call(term, pm.structure, pm.params, pm.rest, x, y, jax.random.key(4))
+        assert np.max(np.abs(np.asarray(other) - np.asarray(val))) > 1e-3 * np.max(
+            np.abs(np.asarray(val)))
 
 
 def test_flat_inputs_are_reshaped_to_the_model_input():

@@ -70,7 +70,7 @@ def test_wide_random_relu_mlp_matches_mean_field_recursion():
     @jax.jit
     def distances(state):
         # The sites go through jaxsens (split + activations), the output too.
-        out, values = js.split(nnx.merge(graphdef, state)).apply(x, return_values=True)
+        out, values = js.split(nnx.merge(graphdef, state)).apply_with_values(x)
         feats = [values[f"h{i}"] for i in range(DEPTH - 1)] + [out]
         return jnp.stack([jnp.mean(jnp.sum((f[:PAIRS] - f[PAIRS:]) ** 2, axis=1)) / f.shape[1]
                           for f in feats])

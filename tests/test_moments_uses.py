@@ -317,7 +317,7 @@ def test_noisy_cross_entropy_in_chunks_equals_dense_output_moments(x64, make_mlp
     x = jnp.asarray(np.random.default_rng(14).standard_normal((7, 6)))
     y = jnp.arange(7) % 4
     p, d = 5, 6  # split-layer width, input size
-    monkeypatch.setattr(jm._uses, "_PAIRS_PER_CHUNK", 3 * (p * p // 2 + p * d))
+    monkeypatch.setattr(jm._expected, "_PAIRS_PER_CHUNK", 3 * (p * p // 2 + p * d))
     got = jm.noisy_cross_entropy(pm, x, y, sigma=0.3)
     dense = jax.jit(jax.vmap(lambda x1, y1: jm.expected_cross_entropy(
         jm.output_moments(pm, x1, jnp.zeros(6), 0.09 * jnp.eye(6)), y1)))(x, y)

@@ -98,7 +98,7 @@ def test_activation_and_input_deltas_through_apply(x64, make_mlp):
     pm = js.split(model)
     x = _x((5, 6))
     deltas = {"input": _x((5, 6), 1), "h0": _x((5, 16), 2), "h1": _x((5, 12), 3)}
-    out, values = pm.apply(x, deltas, return_values=True)
+    out, values = pm.apply_with_values(x, deltas)
     ref_out, ref_values = _np_mlp(_kernels(model), x, _relu,
                                   {k: np.asarray(v) for k, v in deltas.items()})
     np.testing.assert_allclose(out, ref_out, rtol=1e-12, atol=1e-12)
@@ -192,3 +192,21 @@ def test_user_module_with_perturb_works_unchanged(x64, init_from_numpy):
     with pytest.raises(ValueError, match="layer_chain") as err:
         js.bound(net, x, site="a", noise=noise.RelativeNorm(0.1))
     assert "\n" not in str(err.value)
+
+
+def test_activation_sites_come_in_forward_order_not_alphabetical():
+    """Names that sort differently from the order the forward pass reaches them."""
+
+    class Residual(nnx.Module):
+        def __init__(self, rngs):
+            self.embed = nnx.Linear(4, 8, rngs=rngs)
+            self.inner = nnx.Linear(8, 8, rngs=rngs)
+            self.head = nnx.Linear(8, 2, rngs=rngs)
+
+        def __call__(self, x):
+            h = self.perturb("zeta", self.embed(x))
+            h = self.perturb("block/act", jax.nn.relu(self.inner(h))) + h
+            return self.head(self.perturb("alpha", h))
+
+    model = Residual(nnx.Rngs(0))
+    assert js.activation_sites(model, jnp.ones((2, 4))) == ("zeta", "block/act", "alpha")

@@ -1,5 +1,13 @@
 """Analytic moments of ReLU networks under Gaussian input (DESIGN section 3.4)."""
 
+from ..plotting import sensitivity_map_figure as sensitivity_map_figure
+from ._attacks import OBJECTIVES as OBJECTIVES
+from ._attacks import AttackCheck as AttackCheck
+from ._attacks import AttackResult as AttackResult
+from ._attacks import check_attack as check_attack
+from ._attacks import gaussian_noise_attack as gaussian_noise_attack
+from ._expected import expected_cross_entropy as expected_cross_entropy
+from ._expected import noisy_cross_entropy as noisy_cross_entropy
 from ._gaussian import GaussianMoments as GaussianMoments
 from ._gaussian import affine_relu_affine as affine_relu_affine
 from ._gaussian import affine_relu_affine_zero_mean_cov as affine_relu_affine_zero_mean_cov
@@ -10,6 +18,8 @@ from ._gaussian import relu_cross_moment_zero_mean as relu_cross_moment_zero_mea
 from ._gaussian import relu_mean as relu_mean
 from ._gaussian import relu_moments as relu_moments
 from ._gaussian import relu_second_moment as relu_second_moment
+from ._maps import diagonal_output_moments as diagonal_output_moments
+from ._maps import sensitivity_map as sensitivity_map
 from ._network import METHODS as METHODS
 from ._network import TwoStage as TwoStage
 from ._network import layerwise_moments as layerwise_moments
@@ -20,13 +30,3 @@ from ._network import two_stage_linearization as two_stage_linearization
 from ._network import two_stage_moments as two_stage_moments
 from ._tightness import symmetric_relative_error as symmetric_relative_error
 from ._tightness import tightness_study as tightness_study
-from ._uses import OBJECTIVES as OBJECTIVES
-from ._uses import AttackCheck as AttackCheck
-from ._uses import AttackResult as AttackResult
-from ._uses import check_attack as check_attack
-from ._uses import diagonal_output_moments as diagonal_output_moments
-from ._uses import expected_cross_entropy as expected_cross_entropy
-from ._uses import gaussian_noise_attack as gaussian_noise_attack
-from ._uses import noisy_cross_entropy as noisy_cross_entropy
-from ._uses import sensitivity_map as sensitivity_map
-from ._uses import sensitivity_map_figure as sensitivity_map_figure

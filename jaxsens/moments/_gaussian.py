@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
+from ..precision import exact
+
 __all__ = [
     "GaussianMoments",
     "affine_relu_affine",
@@ -751,6 +753,7 @@ def _pre_activation(A: Array, c1: Array, mu: Array, Sigma: Array) -> tuple[Array
 
 
 @jax.jit
+@exact
 def affine_relu_affine(
     A: Float[ArrayLike, "p n"],
     c1: Float[ArrayLike, " p"],
@@ -794,6 +797,7 @@ def affine_relu_affine(
 
 
 @jax.jit
+@exact
 def affine_relu_affine_zero_mean_cov(
     A: Float[ArrayLike, "p n"],
     c1: Float[ArrayLike, " p"],

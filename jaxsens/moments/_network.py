@@ -21,7 +21,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ..models import ActivationStep, LinearStep, SiteStep
+from ..chain import ActivationStep, LinearStep, SiteStep, param
+from ..precision import exact
+from ..quadrature import NODES, STEP
 from ..sites import INPUT, PureModel, split
 from ._gaussian import GaussianMoments, affine_relu_affine, relu_mean, relu_moments
 from ._gaussian import relu_second_moment as _relu_m2
@@ -55,15 +57,15 @@ class TwoStage(NamedTuple):
     c2: Float[Array, " k"]
 
 
-def _kernel(params, path: str):
-    node = params
-    for p in path.split("/"):
-        node = node[int(p) if p.isdigit() else p]
-    return node.get_value() if hasattr(node, "get_value") else node
-
-
 def split_sites(pm: PureModel) -> tuple[str, ...]:
-    """Activation sites usable as a two-stage split: ``site = relu(dense(previous site))``."""
+    """Activation sites usable as a two-stage split: ``site = relu(dense(previous site))``.
+
+    Args:
+      pm: the split model (its layer chain is read).
+
+    Returns:
+      The site names, in chain order (empty without a chain or such a site).
+    """
     chain = pm.structure.chain or ()
     out = []
     for i in range(3, len(chain)):
@@ -90,7 +92,9 @@ def _split_step(pm: PureModel, split_at: str | None):
                          f"{list(allowed)}")
     for i, step in enumerate(chain):
         if isinstance(step, SiteStep) and step.name == name:
-            return name, chain[i - 3].name, chain[i - 2]
+            prev, lin = chain[i - 3], chain[i - 2]
+            assert isinstance(prev, SiteStep) and isinstance(lin, LinearStep)  # split_sites
+            return name, prev.name, lin
     raise AssertionError("unreachable")
 
 
@@ -101,6 +105,9 @@ def two_stage_linearization(model, x1: jax.Array, *, split_at: str | None = None
       model: an NNX module or ``PureModel`` with a layer chain.
       x1: one clean input (no batch axis).
       split_at: the ReLU site to split at (default: the last one).
+
+    Returns:
+      A :class:`TwoStage` ``(A, c1, B, c2)``.
     """
     pm = split(model)
     site, prev, lin = _split_step(pm, split_at)
@@ -109,19 +116,19 @@ def two_stage_linearization(model, x1: jax.Array, *, split_at: str | None = None
     xf = x1.reshape(-1)
 
     def pre_activation(xv):
-        _, vals = struct.apply_one(params, rest, xv.reshape(x_shape), return_values=True)
+        _, vals = struct.apply_one_with_values(params, rest, xv.reshape(x_shape))
         h = xv.reshape(x_shape) if prev == INPUT else vals[prev]
-        z = h.reshape(-1) @ _kernel(params, lin.kernel)
+        z = h.reshape(-1) @ param(params, lin.kernel)
         if lin.bias is not None:
-            z = z + _kernel(params, lin.bias)
+            z = z + param(params, lin.bias)
         return z
 
     z0 = pre_activation(xf)
     jac = jax.jacfwd if xf.size <= z0.size else jax.jacrev
     A = jac(pre_activation)(xf)
-    c1 = z0 - A @ xf
+    c1 = z0 - jnp.matmul(A, xf, precision="highest")
 
-    out0, vals0 = struct.apply_one(params, rest, x1, return_values=True)
+    out0, vals0 = struct.apply_one_with_values(params, rest, x1)
     h0 = vals0[site]
 
     def head(delta):
@@ -130,13 +137,24 @@ def two_stage_linearization(model, x1: jax.Array, *, split_at: str | None = None
     zero = jnp.zeros(h0.size, h0.dtype)
     k = out0.size
     B = jax.jacrev(head)(zero) if k <= h0.size else jax.jacfwd(head)(zero)
-    c2 = out0.reshape(-1) - B @ h0.reshape(-1)
+    c2 = out0.reshape(-1) - jnp.matmul(B, h0.reshape(-1), precision="highest")
     return TwoStage(A, c1, B, c2)
 
 
 def two_stage_moments(model, x1, mean_shift, cov, *, split_at: str | None = None
                       ) -> GaussianMoments:
-    """Output mean and covariance for input ~ N(x1 + mean_shift, cov), two-stage linearized."""
+    """Output mean and covariance for input ~ N(x1 + mean_shift, cov), two-stage linearized.
+
+    Args:
+      model: an NNX module or ``PureModel`` with a layer chain.
+      x1: the clean input (no batch axis), the expansion point.
+      mean_shift: shift of the input mean (input shape).
+      cov: ``(d, d)`` input covariance over the flattened input.
+      split_at: the ReLU site to split at (default: the last one).
+
+    Returns:
+      ``GaussianMoments(mean: (k,), cov: (k, k))`` of the flattened output.
+    """
     ts = two_stage_linearization(model, x1, split_at=split_at)
     mu = x1.reshape(-1) + mean_shift.reshape(-1)
     return affine_relu_affine(ts.A, ts.c1, ts.B, ts.c2, mu, cov)
@@ -156,6 +174,7 @@ def _dense_relu_chain(pm: PureModel):
     return chain
 
 
+@exact
 def propagate_chain(pm: PureModel, mu, first_cov, *, full: bool) -> GaussianMoments:
     """Carry (mean, covariance) through a dense ReLU chain, layer by layer.
 
@@ -170,14 +189,14 @@ def propagate_chain(pm: PureModel, mu, first_cov, *, full: bool) -> GaussianMome
     c = None
     for step in _dense_relu_chain(pm):
         if isinstance(step, LinearStep):
-            w = _kernel(params, step.kernel)
+            w = param(params, step.kernel)
             if c is None:
                 c = first_cov(w)
             else:
                 c = w.T @ c @ w if full else jnp.square(w).T @ c
             mu = mu @ w
             if step.bias is not None:
-                mu = mu + _kernel(params, step.bias)
+                mu = mu + param(params, step.bias)
         elif isinstance(step, ActivationStep) and step.name == "relu":
             if full:
                 mu, c = relu_moments(mu, c)
@@ -186,9 +205,12 @@ def propagate_chain(pm: PureModel, mu, first_cov, *, full: bool) -> GaussianMome
                 m1 = relu_mean(mu, sd)
                 c = jnp.clip(_relu_m2(mu, sd) - m1**2, 0.0, None)
                 mu = m1
+    if c is None:
+        raise ValueError("the layer chain has no dense layer to propagate moments through")
     return GaussianMoments(mu, c if full else jnp.diag(c))
 
 
+@exact
 def layerwise_moments(model, x1, mean_shift, cov, *,
                       covariance: Literal["full", "diag"] = "full") -> GaussianMoments:
     """Propagate (mean, covariance) through a dense ReLU chain layer by layer.
@@ -198,6 +220,16 @@ def layerwise_moments(model, x1, mean_shift, cov, *,
     approximation). ``covariance="diag"`` keeps only variances after the first layer
     (cheaper, ignores correlations between units; the input's own correlations still
     enter the first layer's variances).
+
+    Args:
+      model: an NNX module or ``PureModel`` whose chain has dense layers and ReLUs only.
+      x1: the clean input (no batch axis).
+      mean_shift: shift of the input mean (input shape).
+      cov: ``(d, d)`` input covariance over the flattened input.
+      covariance: ``"full"`` or ``"diag"``.
+
+    Returns:
+      ``GaussianMoments(mean: (k,), cov: (k, k))`` (diagonal ``cov`` for ``"diag"``).
     """
     pm = split(model)
     full = covariance == "full"
@@ -211,7 +243,22 @@ def layerwise_moments(model, x1, mean_shift, cov, *,
 
 def output_moments(model, x1, mean_shift, cov, *, method: str = "two_stage",
                    split_at: str | None = None) -> GaussianMoments:
-    """Output mean and covariance under input ~ N(x1 + mean_shift, cov) by ``method``."""
+    """Output mean and covariance under input ~ N(x1 + mean_shift, cov) by ``method``.
+
+    Args:
+      model: an NNX module or ``PureModel`` with a layer chain.
+      x1: the clean input (no batch axis).
+      mean_shift: shift of the input mean (input shape).
+      cov: ``(d, d)`` input covariance over the flattened input.
+      method: ``"two_stage"``, ``"layerwise_full"`` or ``"layerwise_diag"``.
+      split_at: the two-stage split site (default: the last ReLU site).
+
+    Returns:
+      ``GaussianMoments(mean: (k,), cov: (k, k))`` of the flattened output.
+
+    Raises:
+      ValueError: unknown method, or a model the method cannot handle.
+    """
     if method == "two_stage":
         return two_stage_moments(model, x1, mean_shift, cov, split_at=split_at)
     if method == "layerwise_full":
@@ -221,6 +268,7 @@ def output_moments(model, x1, mean_shift, cov, *, method: str = "two_stage",
     raise ValueError(f"method={method!r} is not a moments method; choose one of {list(METHODS)}")
 
 
+@exact
 def noncentral_norm_mean(m: Float[Array, " k"], c: Float[Array, "k k"]) -> Float[Array, ""]:
     """E‖z‖ for z ~ N(m, C), by the same 1-D integral as the centred case.
 
@@ -229,14 +277,19 @@ def noncentral_norm_mean(m: Float[Array, " k"], c: Float[Array, "k k"]) -> Float
     keeps it differentiable for singular C; where 2t‖C‖ < 1e-4 both terms use their
     power series instead, since the factor's rounding (~1e-16) would be amplified by the
     weight t^{-1/2} there.
-    """
-    from ..estimators._gauss import _STEP, _U
 
+    Args:
+      m: ``(k,)`` the mean of z.
+      c: ``(k, k)`` its covariance (symmetric PSD, possibly singular).
+
+    Returns:
+      E‖z‖ (a scalar), differentiable in ``m`` and ``c``.
+    """
     k = m.shape[0]
     scale = jnp.trace(c) + jnp.sum(m**2)
     safe = jnp.where(scale > 0, scale, 1.0)
     cn, mn = c / safe, m / jnp.sqrt(safe)
-    u = jnp.asarray(_U, m.dtype)
+    u = jnp.asarray(NODES, m.dtype)
     t = jnp.exp(u)
     eye = jnp.eye(k, dtype=m.dtype)
     powers = [eye]
@@ -258,6 +311,6 @@ def noncentral_norm_mean(m: Float[Array, " k"], c: Float[Array, "k k"]) -> Float
         return jnp.where(x * jnp.maximum(tr[1], 1e-30) < 1e-4, series, exact)
 
     logp = jax.vmap(node)(t)
-    w = _STEP * jnp.exp(-0.5 * u) / (2.0 * math.sqrt(math.pi))
+    w = STEP * jnp.exp(-0.5 * u) / (2.0 * math.sqrt(math.pi))
     val = jnp.sum(w * -jnp.expm1(logp))
     return jnp.where(scale > 0, jnp.sqrt(safe) * val, 0.0)

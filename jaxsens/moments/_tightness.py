@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import montecarlo
 from ..sites import PureModel, split
 from ._gaussian import affine_relu_affine, affine_relu_affine_zero_mean_cov
 from ._network import layerwise_moments, two_stage_linearization
@@ -19,7 +20,15 @@ __all__ = ["symmetric_relative_error", "tightness_study"]
 
 
 def symmetric_relative_error(a: jax.Array, b: jax.Array) -> jax.Array:
-    """2|a − b| / (|a| + |b|), 0 where both are 0."""
+    """The symmetric relative error 2|a − b| / (|a| + |b|), elementwise; 0 where both are 0.
+
+    Args:
+      a: an array.
+      b: an array of the same shape (or broadcastable).
+
+    Returns:
+      The elementwise error, in [0, 2].
+    """
     den = jnp.abs(a) + jnp.abs(b)
     return jnp.where(den > 0, 2.0 * jnp.abs(a - b) / jnp.where(den > 0, den, 1.0), 0.0)
 
@@ -73,25 +82,21 @@ def tightness_study(model, x: jax.Array, *, sigmas, key: jax.Array, num_samples:
 
     @jax.jit
     def monte_carlo(x1, sigma, k):
-        n_chunks = -(-num_samples // chunk)
+        def draw(kk):
+            out = struct.apply_one(params, rest, x1 + sigma * jax.random.normal(
+                kk, x1.shape, x1.dtype)).reshape(-1)
+            return out, out**2
 
-        def body(carry, kk):
-            g = jax.random.normal(kk, (chunk, *x1.shape), x1.dtype)
-            out = struct.apply(params, rest, x1[None] + sigma * g).reshape(chunk, -1)
-            return (carry[0] + out.sum(0), carry[1] + (out**2).sum(0)), None
-
-        k_out = struct.apply_one(params, rest, x1).size
-        zero = jnp.zeros(k_out, x1.dtype)
-        (s1, s2), _ = jax.lax.scan(body, (zero, zero), jax.random.split(k, n_chunks))
-        n = n_chunks * chunk
-        mean = s1 / n
-        return mean, (s2 - n * mean**2) / (n - 1)
+        (m1, m2), _ = montecarlo.average(draw, k, num_samples=num_samples,
+                                         chunk=min(chunk, num_samples))
+        return m1, (m2 - m1**2) * num_samples / (num_samples - 1)
 
     records = []
     for i, sigma in enumerate(sigmas):
-        sre = {"mean": [], "mean_layerwise": [], "var": [], "var_zero_mean": [],
-               "var_layerwise": []}
-        ratios = {"mean": [], "var": [], "var_zero_mean": []}
+        sre: dict[str, list[jax.Array]] = {
+            "mean": [], "mean_layerwise": [], "var": [], "var_zero_mean": [],
+            "var_layerwise": []}
+        ratios: dict[str, list[jax.Array]] = {"mean": [], "var": [], "var_zero_mean": []}
         for b in range(x.shape[0]):
             kb = jax.random.fold_in(jax.random.fold_in(key, i), b)
             m, v, v_old, lm, lv = analytic(x[b], sigma)
@@ -105,7 +110,7 @@ def tightness_study(model, x: jax.Array, *, sigmas, key: jax.Array, num_samples:
             ratios["var"].append(mc_v / v)
             ratios["var_zero_mean"].append(mc_v / v_old)
         rec = {"level": float(sigma), "num_examples": int(x.shape[0]),
-               "num_samples": int(-(-num_samples // chunk) * chunk)}
+               "num_samples": int(num_samples)}
         for name, vals in sre.items():
             if not layerwise and "layerwise" in name:
                 continue

@@ -1,30 +1,15 @@
-"""The Optax training loop: one jitted step, per-epoch metrics, resumable orbax checkpoints.
+"""The training loop of :mod:`jaxsens.train`: :func:`train`, its jitted step, the per-epoch
+evaluation and the types of its results.
 
-:func:`train` splits a Flax NNX module once into a pure function (:func:`jaxsens.sites.split`)
-and trains its parameters with any Optax optimizer on a weighted sum of loss terms from
-:mod:`jaxsens.losses`. Training is a pure function of ``(model, data, optimizer, loss terms,
-batch size, key)``:
-
-* epoch ``e`` (0-based) uses ``epoch_key = fold_in(key, e)``; its data order comes from the
-  first half of ``split(epoch_key)`` and step ``s`` uses ``fold_in(second half, s)``, so no
-  RNG state is carried between epochs;
-* with ``checkpoint_dir`` the parameters, optimizer state, epoch, key data and history are
-  saved after every ``checkpoint_every`` epochs (and after the last); a later call with the
-  same directory resumes from the latest checkpoint and gives bitwise the same result as an
-  uninterrupted run.
-
-:func:`make_optimizer` builds any allow-listed Optax optimizer with a learning-rate schedule
-and optional gradient clipping by name (for configs).
+Optimizers by name are in ``_optimizers``, the orbax checkpoints in ``_checkpoints``.
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
-import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -33,29 +18,29 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from tqdm import tqdm
 
-from . import data as data_lib
-from .losses import CrossEntropy, LossTerm, _normalize_terms, term_names, total_loss
-from .sites import PureModel, Structure, split
+from .. import data as data_lib
+from ..losses import CrossEntropy, LossTerm, normalize_terms, term_names, total_loss
+from ..sites import PureModel, Structure, split
+from ._checkpoints import (
+    _CHECKPOINT_FORMAT,
+    _manager,
+    _restore_latest,
+    _run_signature,
+    _save,
+    _spec,
+)
 
 __all__ = [
-    "OPTIMIZERS",
-    "SCHEDULES",
     "TIME_KEYS",
     "TrainResult",
-    "Checkpoint",
     "TrainingDiverged",
-    "make_optimizer",
-    "make_schedule",
     "make_train_step",
     "make_eval_fn",
     "train",
-    "load_checkpoint",
 ]
 
-_log = logging.getLogger(__name__)
-
-_CHECKPOINT_FORMAT = 1
 TIME_KEYS = ("epoch_time", "steps_per_second")
 """History entries that measure wall time (differ between otherwise identical runs)."""
 
@@ -77,236 +62,45 @@ class TrainResult(NamedTuple):
     history: list[dict]
 
 
-class Checkpoint(NamedTuple):
-    """A checkpoint read by :func:`load_checkpoint`.
-
-    Attributes:
-      model: a new NNX module with the saved parameters.
-      opt_state: the saved optimizer state (``None`` unless an optimizer was given).
-      epoch: number of completed epochs.
-      history: the metrics of those epochs.
-    """
-
-    model: nnx.Module
-    opt_state: Any
-    epoch: int
-    history: list[dict]
-
-
-# --------------------------------------------------------------------------- optimizers
-# Explicit allow-list: name -> Optax constructor (never getattr on a string). Every entry
-# takes `learning_rate` (a number or a schedule) and works with the plain
-# `update(grads, state, params)` call. Left out: sm3 and rprop (no schedules), noisy_sgd
-# (its own RNG stream), polyak_sgd / lbfgs (need the loss value in `update`).
-OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
-    "sgd": optax.sgd,
-    "adam": optax.adam,
-    "adamw": optax.adamw,
-    "amsgrad": optax.amsgrad,
-    "adamax": optax.adamax,
-    "adamaxw": optax.adamaxw,
-    "nadam": optax.nadam,
-    "nadamw": optax.nadamw,
-    "radam": optax.radam,
-    "rmsprop": optax.rmsprop,
-    "lion": optax.lion,
-    "adagrad": optax.adagrad,
-    "adadelta": optax.adadelta,
-    "adafactor": optax.adafactor,
-    "adabelief": optax.adabelief,
-    "adan": optax.adan,
-    "lamb": optax.lamb,
-    "lars": optax.lars,
-    "novograd": optax.novograd,
-    "yogi": optax.yogi,
-    "fromage": optax.fromage,
-    "sign_sgd": optax.sign_sgd,
-    "optimistic_gradient_descent": optax.optimistic_gradient_descent,
-    "optimistic_adam": optax.optimistic_adam_v2,
-}
-
-
-def _need_steps(name: str, total_steps: int | None) -> int:
-    if total_steps is None or isinstance(total_steps, bool) or int(total_steps) < 1:
-        raise ValueError(f"schedule {name!r} needs total_steps >= 1, got {total_steps!r}")
-    return int(total_steps)
-
-
-def _constant(lr, total_steps):
-    return optax.constant_schedule(lr)
-
-
-def _cosine_decay(lr, total_steps, *, alpha=0.0, exponent=1.0):
-    return optax.cosine_decay_schedule(lr, _need_steps("cosine_decay", total_steps),
-                                       alpha=alpha, exponent=exponent)
-
-
-def _warmup_cosine_decay(lr, total_steps, *, warmup_steps=None, warmup_fraction=0.05,
-                         init_value=0.0, end_value=0.0):
-    n = _need_steps("warmup_cosine_decay", total_steps)
-    w = int(round(warmup_fraction * n)) if warmup_steps is None else int(warmup_steps)
-    return optax.warmup_cosine_decay_schedule(init_value, lr, warmup_steps=w, decay_steps=n,
-                                              end_value=end_value)
-
-
-def _exponential_decay(lr, total_steps, *, decay_rate, transition_steps=1, staircase=False,
-                       transition_begin=0, end_value=None):
-    return optax.exponential_decay(lr, transition_steps, decay_rate,
-                                   transition_begin=transition_begin, staircase=staircase,
-                                   end_value=end_value)
-
-
-def _linear(lr, total_steps, *, end_value=0.0, transition_begin=0):
-    return optax.linear_schedule(lr, end_value, _need_steps("linear", total_steps),
-                                 transition_begin=transition_begin)
-
-
-def _warmup_linear(lr, total_steps, *, warmup_steps=None, warmup_fraction=0.05,
-                   init_value=0.0, end_value=0.0):
-    n = _need_steps("warmup_linear", total_steps)
-    w = int(round(warmup_fraction * n)) if warmup_steps is None else int(warmup_steps)
-    return optax.join_schedules(
-        [optax.linear_schedule(init_value, lr, w),
-         optax.linear_schedule(lr, end_value, max(n - w, 1))], [w])
-
-
-def _warmup_constant(lr, total_steps, *, warmup_steps, init_value=0.0):
-    return optax.join_schedules(
-        [optax.linear_schedule(init_value, lr, int(warmup_steps)), optax.constant_schedule(lr)],
-        [int(warmup_steps)])
-
-
-def _piecewise_constant(lr, total_steps, *, boundaries_and_scales):
-    # Config files give mapping keys as strings; the schedule wants integer steps.
-    table = {int(k): float(v) for k, v in dict(boundaries_and_scales).items()}
-    return optax.piecewise_constant_schedule(lr, table)
-
-
-def _polynomial(lr, total_steps, *, end_value=0.0, power=1.0, transition_begin=0):
-    return optax.polynomial_schedule(lr, end_value, power,
-                                     _need_steps("polynomial", total_steps),
-                                     transition_begin=transition_begin)
-
-
-def _one_cycle(lr, total_steps, *, pct_start=0.3, div_factor=25.0, final_div_factor=1e4):
-    return optax.cosine_onecycle_schedule(_need_steps("one_cycle", total_steps), lr,
-                                          pct_start=pct_start, div_factor=div_factor,
-                                          final_div_factor=final_div_factor)
-
-
-# name -> builder(learning_rate, total_steps, **kwargs) -> optax schedule.
-SCHEDULES: dict[str, Callable[..., optax.Schedule]] = {
-    "constant": _constant,
-    "cosine_decay": _cosine_decay,
-    "warmup_cosine_decay": _warmup_cosine_decay,
-    "exponential_decay": _exponential_decay,
-    "linear": _linear,
-    "warmup_linear": _warmup_linear,
-    "warmup_constant": _warmup_constant,
-    "piecewise_constant": _piecewise_constant,
-    "polynomial": _polynomial,
-    "one_cycle": _one_cycle,
-}
-
-
-def _kwarg_names(fn) -> list[str]:
-    return [p.name for p in inspect.signature(fn).parameters.values()
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-
-
-def _call_checked(what: str, fn, *args, **kwargs):
-    """``fn(*args, **kwargs)``; unknown/missing keyword arguments as one-line ValueErrors."""
-    valid = _kwarg_names(fn)
-    bad = sorted(set(kwargs) - set(valid))
-    if bad:
-        raise ValueError(f"{what} got unknown argument(s) {bad}; valid: {valid[len(args):]}")
-    try:
-        inspect.signature(fn).bind(*args, **kwargs)
-    except TypeError as err:
-        raise ValueError(f"{what}: {err}; valid arguments: {valid[len(args):]}") from None
-    return fn(*args, **kwargs)
-
-
-def make_schedule(name: str | None, learning_rate: float, *,
-                  total_steps: int | None = None, **kwargs: Any) -> optax.Schedule:
-    """A learning-rate schedule by name (``None`` = constant).
-
-    Args:
-      name: a key of :data:`SCHEDULES`.
-      learning_rate: the peak / initial learning rate.
-      total_steps: total optimizer steps (needed by decaying schedules).
-      **kwargs: the schedule's own options (e.g. ``warmup_steps``, ``decay_rate``).
-
-    Raises:
-      ValueError: unknown schedule or options (message lists the valid ones).
-    """
-    name = "constant" if name is None else name
-    if name not in SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}; valid: {', '.join(SCHEDULES)}")
-    return _call_checked(f"schedule {name!r}", SCHEDULES[name], learning_rate, total_steps,
-                         **kwargs)
-
-
-def make_optimizer(
-    name: str,
-    learning_rate: float,
-    schedule: str | None = None,
-    schedule_kwargs: Mapping[str, Any] | None = None,
-    total_steps: int | None = None,
-    *,
-    clip_norm: float | None = None,
-    **kwargs: Any,
-) -> optax.GradientTransformation:
-    """An Optax optimizer by name, with a learning-rate schedule and optional clipping.
-
-    Args:
-      name: a key of :data:`OPTIMIZERS` (sgd, adam, adamw, rmsprop, lion, ...).
-      learning_rate: the (peak) learning rate, > 0.
-      schedule: a key of :data:`SCHEDULES` or ``None`` for a constant rate.
-      schedule_kwargs: options of the schedule.
-      total_steps: total optimizer steps, needed by decaying schedules.
-      clip_norm: clip gradients to this global ℓ2 norm first (``optax.clip_by_global_norm``).
-      **kwargs: options of the Optax constructor (``momentum=0.9``, ``weight_decay=1e-4`` ...).
-
-    Returns:
-      An ``optax.GradientTransformation``.
-
-    Raises:
-      ValueError: unknown optimizer, schedule or options, or a bad learning rate / clip norm.
-    """
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
-    if isinstance(learning_rate, bool) or not isinstance(learning_rate, int | float) or not (
-            math.isfinite(learning_rate) and learning_rate > 0):
-        raise ValueError(f"learning_rate must be a finite number > 0, got {learning_rate!r}")
-    if schedule is None and not schedule_kwargs:
-        lr = float(learning_rate)  # a plain number: no schedule step counter in the state
-    else:
-        lr = make_schedule(schedule, float(learning_rate), total_steps=total_steps,
-                           **dict(schedule_kwargs or {}))
-    opt = _call_checked(f"optimizer {name!r}", OPTIMIZERS[name], lr, **kwargs)
-    if clip_norm is not None:
-        if isinstance(clip_norm, bool) or not (isinstance(clip_norm, int | float)
-                                               and clip_norm > 0):
-            raise ValueError(f"clip_norm must be a number > 0 or None, got {clip_norm!r}")
-        opt = optax.chain(optax.clip_by_global_norm(float(clip_norm)), opt)
-    return opt
-
-
 # --------------------------------------------------------------------------- step / eval
 def make_train_step(
     struct: Structure,
     optimizer: optax.GradientTransformation,
-    loss_terms,
+    loss_terms: LossTerm | Sequence[tuple[float, LossTerm] | LossTerm],
 ) -> Callable:
     """The (unjitted) train step ``(params, opt_state, rest, x, y, key) -> (params, opt_state,
     metrics)``.
 
+    One optimizer step on the objective of :func:`jaxsens.losses.total_loss`,
+
+        L(θ) = Σ_i w_i · mean_b term_i(θ; x_b, y_b),
+
+    with the gradient ∇_θ L from ``jax.value_and_grad`` and the update
+    ``optimizer.update(grads, opt_state, params)`` applied by ``optax.apply_updates``.
+
     ``metrics`` holds the total ``loss``, each term's batch mean (by
     :func:`jaxsens.losses.term_names`), ``correct`` (number of correct argmax predictions of
-    the clean forward pass) and ``grad_norm`` (global ℓ2 norm of the gradient).
+    the clean forward pass) and ``grad_norm`` (global ℓ2 norm of the gradient); all are
+    taken at the parameters before the update.
+
+    Args:
+      struct: the model structure (:attr:`jaxsens.sites.PureModel.structure`).
+      optimizer: an Optax optimizer (see :func:`make_optimizer`).
+      loss_terms: a loss term, or ``[(weight, term), ...]`` from :mod:`jaxsens.losses` (a
+        bare term has weight 1).
+
+    Returns:
+      The pure function ``step(params, opt_state, rest, x, y, key)``: ``x`` inputs
+      ``(batch, *input_shape)``, ``y`` integer labels ``(batch,)``, ``key`` the PRNG key of
+      the step (loss term ``i`` gets ``fold_in(key, i)``); it returns the new ``params``,
+      the new ``opt_state`` and the ``metrics`` dict of scalar arrays. Wrap it in
+      ``jax.jit`` to compile it.
+
+    Raises:
+      ValueError: ``loss_terms`` holds an entry that is neither a term nor a
+        ``(weight, term)`` pair, or no term at all.
     """
-    terms = _normalize_terms(loss_terms)
+    terms = normalize_terms(loss_terms)
 
     def step(params, opt_state, rest, x, y, key):
         def objective(p):
@@ -333,7 +127,19 @@ def make_train_step(
 
 @functools.lru_cache(maxsize=8)
 def make_eval_fn(struct: Structure) -> Callable:
-    """Jitted ``(params, rest, x, y) -> (sum of cross-entropy, number correct)`` on a batch."""
+    """Jitted ``(params, rest, x, y) -> (sum of cross-entropy, number correct)`` on a batch.
+
+    Cached per structure (the 8 most recent), so repeated evaluations compile once.
+
+    Args:
+      struct: the model structure (:attr:`jaxsens.sites.PureModel.structure`).
+
+    Returns:
+      The jitted ``evaluate(params, rest, x, y)``: with ``x`` inputs
+      ``(batch, *input_shape)`` and ``y`` integer labels ``(batch,)``, the scalar
+      Σ_b CE(F(x_b), y_b) of the softmax cross-entropy of the clean logits and the number
+      of examples whose argmax prediction equals the label.
+    """
 
     @jax.jit
     def evaluate(params, rest, x, y):
@@ -355,200 +161,6 @@ def _evaluate(evaluate, params, rest, x, y, batch_size: int) -> tuple[float, flo
         ce += float(c)
         correct += int(k)
     return ce / n, correct / n
-
-
-# --------------------------------------------------------------------------- checkpoints
-def _key_data(key: jax.Array) -> list[int]:
-    return [int(v) for v in np.asarray(jax.random.key_data(key)).reshape(-1)]
-
-
-def _leaf_dict(tree) -> dict[str, jax.Array]:
-    return {f"{i:05d}": leaf for i, leaf in enumerate(jax.tree.leaves(tree))}
-
-
-def _abstract(tree) -> dict[str, jax.ShapeDtypeStruct]:
-    return {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)
-            for k, a in _leaf_dict(tree).items()}
-
-
-def _from_leaf_dict(like, restored: Mapping[str, jax.Array]):
-    leaves = [restored[k] for k in sorted(restored)]
-    return jax.tree.unflatten(jax.tree.structure(like), leaves)
-
-
-def _manager(directory: Path, *, create: bool):
-    import orbax.checkpoint as ocp  # heavy import, only when checkpointing
-
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=2,
-        create=create,
-        # Synchronous saves: an epoch's checkpoint is complete before the next epoch runs.
-        enable_async_checkpointing=False,
-        # Leftovers of a save killed midway (`<step>.orbax-checkpoint-tmp-*`) are never
-        # listed as steps; remove them.
-        cleanup_tmp_directories=True,
-    )
-    return ocp.CheckpointManager(directory.absolute(), options=options,
-                                 item_names=("params", "opt_state", "meta"))
-
-
-def _save(mgr, epoch: int, params, opt_state, meta: dict) -> None:
-    import orbax.checkpoint as ocp
-
-    items = {"params": ocp.args.StandardSave(_leaf_dict(params)),
-             "meta": ocp.args.JsonSave(meta)}
-    opt_leaves = _leaf_dict(opt_state)
-    if opt_leaves:  # orbax refuses empty items (e.g. plain SGD has no state)
-        items["opt_state"] = ocp.args.StandardSave(opt_leaves)
-    if epoch in mgr.all_steps():
-        # Only an unreadable checkpoint we fell back from can sit at a step we train again.
-        mgr.delete(epoch)
-    mgr.save(epoch, args=ocp.args.Composite(**items))
-    mgr.wait_until_finished()
-
-
-def _spec(tree) -> list[str]:
-    """``"path shape dtype"`` per leaf: what a checkpoint must match to be restored."""
-    return [f"{jax.tree_util.keystr(path)} {tuple(leaf.shape)} {leaf.dtype}"
-            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)]
-
-
-def _read_meta(mgr, step: int) -> dict:
-    import orbax.checkpoint as ocp
-
-    out = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    return dict(out["meta"])
-
-
-def _check_spec(directory: Path, what: str, saved: list | None, tree) -> None:
-    # Checked before orbax reads any array: a mismatched restore fails deep inside orbax.
-    if saved is None:
-        return
-    current = _spec(tree)
-    if saved != current:
-        diff = next(((a, b) for a, b in zip(saved, current, strict=False) if a != b),
-                    (f"{len(saved)} arrays", f"{len(current)} arrays"))
-        raise ValueError(
-            f"checkpoint_dir {directory} holds a different {what}: saved {diff[0]!r}, this run "
-            f"{diff[1]!r}; use the {what} that wrote it or a new directory"
-        )
-
-
-def _restore(mgr, step: int, params, opt_state):
-    import orbax.checkpoint as ocp
-
-    items = {"params": ocp.args.StandardRestore(_abstract(params))}
-    want_opt = opt_state is not None and jax.tree.leaves(opt_state)
-    if want_opt:
-        items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state))
-    out = mgr.restore(step, args=ocp.args.Composite(**items))
-    new_params = _from_leaf_dict(params, out["params"])
-    new_opt = _from_leaf_dict(opt_state, out["opt_state"]) if want_opt else opt_state
-    return new_params, new_opt
-
-
-def _restore_latest(mgr, directory: Path, params, opt_state, *, max_epoch: int | None = None,
-                    signature: Mapping | None = None, steps: Sequence[int] | None = None):
-    """The newest readable checkpoint (epoch <= max_epoch) as (params, opt_state, meta).
-
-    ``None`` if the directory holds no checkpoint. A checkpoint that cannot be read (damaged
-    after it was written) is skipped for the previous one; one written by a different run
-    (signature, parameter or optimizer-state shapes) is a ValueError.
-    """
-    steps = sorted(mgr.all_steps() if steps is None else steps, reverse=True)
-    if max_epoch is not None:
-        later = [s for s in steps if s > max_epoch]
-        steps = [s for s in steps if s <= max_epoch]
-        if later and not steps:
-            raise ValueError(
-                f"checkpoint_dir {directory} holds a run trained for {max(later)} epochs, more "
-                f"than epochs={max_epoch}; ask for epochs >= {max(later)} or use a new directory"
-            )
-    errors = []
-    for step in steps:
-        try:
-            meta = _read_meta(mgr, step)
-        except Exception as err:  # damaged outside orbax: try the previous one
-            errors.append(f"epoch {step}: {type(err).__name__}: {err}".splitlines()[0])
-            _log.warning("jaxsens.train: cannot read checkpoint %s/%d (%s); trying an older one",
-                         directory, step, errors[-1])
-            continue
-        if signature is not None:
-            _check_signature(directory, meta.get("signature", {}), signature)
-        _check_spec(directory, "model", meta.get("params_spec"), params)
-        if opt_state is not None:
-            _check_spec(directory, "optimizer", meta.get("opt_state_spec"), opt_state)
-        try:
-            return (*_restore(mgr, step, params, opt_state), meta)
-        except Exception as err:  # damaged outside orbax: try the previous one
-            errors.append(f"epoch {step}: {type(err).__name__}: {err}".splitlines()[0])
-            _log.warning("jaxsens.train: cannot read checkpoint %s/%d (%s); trying an older one",
-                         directory, step, errors[-1])
-    if errors:
-        raise ValueError(f"no readable checkpoint in {directory} ({errors[0]}); use a new "
-                         "directory")
-    return None
-
-
-def _run_signature(struct: Structure, key, batch_size, drop_last, terms, n_train) -> dict:
-    return {
-        "key_data": _key_data(key),
-        "batch_size": int(batch_size),
-        "drop_last": bool(drop_last),
-        "loss_terms": repr(terms),
-        "n_train": int(n_train),
-        "input_shape": list(struct.input_shape),
-    }
-
-
-def _check_signature(directory: Path, saved: Mapping, current: Mapping) -> None:
-    for field, value in current.items():
-        if saved.get(field) != value:
-            raise ValueError(
-                f"checkpoint_dir {directory} was written by a run with a different {field} "
-                f"({saved.get(field)!r} != {value!r}); resume with the same settings or use a "
-                "new directory"
-            )
-
-
-def load_checkpoint(
-    checkpoint_dir: Path | str,
-    model: nnx.Module,
-    *,
-    optimizer: optax.GradientTransformation | None = None,
-    epoch: int | None = None,
-) -> Checkpoint:
-    """Read a checkpoint written by :func:`train`.
-
-    Args:
-      checkpoint_dir: the directory given to :func:`train`.
-      model: a module of the same architecture (its parameters are not modified).
-      optimizer: the optimizer of the run, to restore its state too.
-      epoch: which checkpoint (default: the latest readable one).
-
-    Raises:
-      ValueError: no (readable) checkpoint for this model / optimizer in the directory.
-    """
-    directory = Path(checkpoint_dir)
-    pm = split(model)
-    opt_state = optimizer.init(pm.params) if optimizer is not None else None
-    if not directory.is_dir():
-        raise ValueError(f"checkpoint_dir {directory} does not exist")
-    mgr = _manager(directory, create=False)
-    try:
-        if epoch is not None and epoch not in mgr.all_steps():
-            raise ValueError(f"no checkpoint for epoch {epoch} in {directory}; have "
-                             f"{sorted(mgr.all_steps())}")
-        res = _restore_latest(mgr, directory, pm.params, opt_state,
-                              steps=None if epoch is None else [epoch])
-    finally:
-        mgr.close()
-    if res is None:
-        raise ValueError(f"no checkpoint in {directory}")
-    params, opt_state, meta = res
-    return Checkpoint(nnx.merge(pm.structure.graphdef, params, pm.rest),
-                      opt_state if optimizer is not None else None,
-                      int(meta["epoch"]), list(meta["history"]))
 
 
 # --------------------------------------------------------------------------- train
@@ -703,7 +315,7 @@ def train(
         epoch; earlier checkpoints stay intact).
       ValueError: bad arguments, or a checkpoint directory written by a different run.
     """
-    terms = _normalize_terms([(1.0, CrossEntropy())] if loss_terms is None else loss_terms)
+    terms = normalize_terms([(1.0, CrossEntropy())] if loss_terms is None else loss_terms)
     names = term_names(terms)
     epochs = _check_int("epochs", epochs, 0)
     batch_size = _check_int("batch_size", batch_size)
@@ -751,8 +363,6 @@ def train(
     evaluate = make_eval_fn(struct)
     index = np.arange(n_train)
 
-    from tqdm import tqdm
-
     bar = tqdm(total=epochs, initial=start, desc="train", unit="epoch",
                disable=None if progress else True, leave=False)
     try:
@@ -770,6 +380,7 @@ def train(
                 if pending is not None:
                     acc.add(*pending)
                 pending = (s, len(idx), m)
+            assert pending is not None  # at least one step per epoch
             acc.add(*pending)
             sums, seen = acc.sums, acc.seen
             t_train = time.perf_counter() - t0

@@ -1,0 +1,145 @@
+"""What every experiment kind is: a config class, ``run``, ``figures``, ``markdown``."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import jax
+from pydantic import Field
+
+from ..moments import METHODS, split_sites
+from ..schema import ConfigError, Frozen, one_of
+from ..sites import PureModel
+
+__all__ = ["AnalysisConfig", "WithLevels", "WithMoments", "AnalysisKind", "Context",
+           "check_moments_model", "a_kind"]
+
+
+class AnalysisConfig(Frozen):
+    """Fields every analysis has; each kind subclasses it with ``kind: Literal[...]``.
+
+    Attributes:
+      kind: the experiment kind (the discriminator of the config union).
+      name: a label for files and the report (default: the kind).
+      examples: how many test examples the analysis uses.
+    """
+
+    kind: str
+    name: str | None = None
+    examples: int = Field(256, gt=0)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind
+
+    def check(self, where: str) -> None:
+        """Checks that need no model (after parsing); ConfigError naming ``where``."""
+
+    def validate_model(self, where: str, model: PureModel) -> None:
+        """Checks against the model built from the config, before any training."""
+
+
+class WithLevels(AnalysisConfig):
+    """An analysis over a list of noise levels (ε, or σ for Gaussian input noise).
+
+    Attributes:
+      levels: the noise levels; required.
+    """
+
+    levels: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = Field(
+        None, min_length=1)
+
+    def check(self, where: str) -> None:
+        if self.levels is None:
+            raise ConfigError(f"config error at {where}.levels: {a_kind(self.kind)} analysis "
+                              "needs a non-empty list of noise levels")
+
+
+class WithMoments(AnalysisConfig):
+    """An analysis that uses the analytic Gaussian-input moments.
+
+    Attributes:
+      moments_method: ``"two_stage"``, ``"layerwise_full"`` or ``"layerwise_diag"``.
+      split_at: the two-stage split site (default: the last ReLU site).
+    """
+
+    moments_method: Annotated[str, one_of(METHODS, "moments method")] = "two_stage"
+    split_at: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What a running analysis gets from the runner.
+
+    Attributes:
+      model: the trained (or loaded) Flax module.
+      x: the analysed test inputs ``(examples, ...)``.
+      y: their labels.
+      key: this analysis's PRNG key (from the config's seed and its index).
+      index: its position in ``analyses``.
+      quiet: no progress output.
+    """
+
+    model: Any
+    x: jax.Array
+    y: jax.Array
+    key: jax.Array
+    index: int
+    quiet: bool
+
+    def error(self, err: Exception) -> ConfigError:
+        """A user error found while running, as a one-line config error."""
+        return ConfigError(f"config error at analyses[{self.index}]: {err}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalysisKind:
+    """A registry entry: one experiment kind.
+
+    Attributes:
+      config: its config class (``kind: Literal["name"]``).
+      run: ``run(config, context) -> records`` (JSON-able dicts).
+      figures: ``figures(run_dir, analysis) -> file names`` written under ``figures/``;
+        ``analysis`` is the saved entry (``name``, ``kind``, ``records`` ...).
+      markdown: ``markdown(analysis, figures) -> str``, its report section.
+      summary: ``summary(analysis) -> lines`` for the terminal table.
+    """
+
+    config: type[AnalysisConfig]
+    run: Callable[[Any, Context], list[dict]]
+    figures: Callable[[Path, dict], list[str]]
+    markdown: Callable[[dict, list[str]], str]
+    summary: Callable[[dict], list[str]]
+
+    @property
+    def name(self) -> str:
+        (value,) = typing.get_args(self.config.model_fields["kind"].annotation)
+        return value
+
+
+def a_kind(kind: str) -> str:
+    """``"an activation_noise"``, ``"a weight_noise"``: the kind with its article."""
+    return f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"
+
+
+def check_moments_model(where: str, model: PureModel, method: str, split_at: str | None
+                        ) -> None:
+    """ConfigErrors, before any work, if the analytic moments cannot run on ``model``."""
+    if method not in METHODS:
+        raise ConfigError(f"config error at {where}.moments_method: {method!r} is not a "
+                          f"moments method; choose one of {list(METHODS)}")
+    if model.structure.chain is None:
+        raise ConfigError(f"config error at {where}: the analytic moments need the model's "
+                          "layer_chain() (the built-in mlp and lenet have one)")
+    allowed = split_sites(model)
+    if not allowed:
+        raise ConfigError(f"config error at {where}: the model has no ReLU site of the form "
+                          "relu(dense(previous site)) for the analytic moments (use "
+                          "activation: relu)")
+    if split_at is not None and split_at not in allowed:
+        raise ConfigError(f"config error at {where}.split_at: {split_at!r} is not a ReLU site "
+                          f"after a dense layer; allowed: {list(allowed)}")

@@ -124,3 +124,18 @@ def test_the_minimal_example_kind_runs_end_to_end(tmp_path):
     report = (tmp_path / "run" / "report.md").read_text()
     assert "## norms (weight norms)" in report and "layers/1/kernel" in report
     assert (tmp_path / "run" / "figures" / "norms_norms.png").stat().st_size > 0
+
+
+def test_skipped_estimators_are_reported_not_dropped():
+    kind = analyses.KINDS["activation_noise"]
+    measured = {"analysis": "a", "site": "h0", "kind": "activation", "level": 0.1,
+                "estimator": "linearized", "law": "relative-norm(sphere) ε=0.1", "mean": 1.0,
+                "rms": 1.0, "factor": 10.0, "num_examples": 4, "num_samples": 0}
+    skipped = {"analysis": "a", "site": "h0", "kind": "activation", "estimator": "bound",
+               "skipped": "bound needs the model's layer chain"}
+    entry = {"name": "a", "kind": "activation_noise", "num_examples": 4,
+             "clean_accuracy": 0.9, "records": [measured, skipped]}
+    text = kind.markdown(entry, [])
+    assert "Not run: bound at h0 (bound needs the model's layer chain)." in text
+    assert "| h0 | 0.1 |" in text  # the measured row is still there
+    assert len(kind.summary(entry)) == 1

@@ -188,6 +188,10 @@ def test_profile_is_a_table_with_site_level_estimator_axes(model):
     assert prof.estimators == js.ESTIMATORS and prof.sites == ("input", "h0", "h1")
     moments_col = prof.estimators.index("moments")
     assert [row[moments_col] for row in prof.present] == [True, False, False]
+    skipped = prof.skipped()  # never dropped silently: what did not run, and why
+    assert [(r["site"], r["estimator"]) for r in skipped] == [("h0", "moments"),
+                                                              ("h1", "moments")]
+    assert all("input noise only" in r["reason"] for r in skipped)
     # Each cell equals the estimator called alone with the key profile derives.
     for i, site in enumerate(prof.sites):
         for j, level in enumerate(levels):

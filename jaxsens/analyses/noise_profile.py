@@ -139,12 +139,19 @@ def run(cfg: _NoiseAnalysis, ctx: Context) -> list[dict]:
         for r in table.to_records():
             r["analysis"] = cfg.label
             records.append(r)
+        # What could not run is reported, never dropped silently.
+        records += [dict(sk, analysis=cfg.label, skipped=sk.pop("reason"))
+                    for sk in table.skipped()]
     return records
+
+
+def _measured(records) -> list[dict]:
+    return [r for r in records if "skipped" not in r]
 
 
 def figures(run_dir: Path, analysis: dict) -> list[str]:
     """Deviation vs level per site (sampled band, predicted, bound), the factor, accuracy."""
-    recs = analysis["records"]
+    recs = _measured(analysis["records"])
     sites = sites_in_order(recs)
     table = by_site_level(recs)
     levels = sorted({r["level"] for r in recs})
@@ -219,7 +226,8 @@ def _factors(recs, sites) -> dict[str, float]:
 
 def markdown(analysis: dict, figs: list[str]) -> str:
     """The table of sampled / predicted / bound per site and level, and the "why"."""
-    recs = analysis["records"]
+    recs = _measured(analysis["records"])
+    skipped = [r for r in analysis["records"] if "skipped" in r]
     clean_acc = analysis.get("clean_accuracy")
     table = by_site_level(recs)
     sites = sites_in_order(recs)
@@ -279,6 +287,9 @@ def markdown(analysis: dict, figs: list[str]) -> str:
             listed = ", ".join(f"{s} {a:.3f}" for s, a in accs.items())
             lines += [f"Accuracy on the {n} analysed test examples: clean {clean_acc:.3f}; with "
                       f"noise at ε = {lv:g} entering each site: {listed}.", ""]
+    if skipped:
+        lines += ["Not run: " + "; ".join(f"{r['estimator']} at {r['site']} ({r['skipped']})"
+                                          for r in skipped) + ".", ""]
     lines += [f"![{f}](figures/{f})" for f in figs]
     lines.append("")
     return "\n".join(lines)
@@ -286,13 +297,14 @@ def markdown(analysis: dict, figs: list[str]) -> str:
 
 def summary(analysis: dict) -> list[str]:
     """One line per site at the level nearest 5%."""
-    table = by_site_level(analysis["records"])
-    levels = sorted({r["level"] for r in analysis["records"]})
+    recs = _measured(analysis["records"])
+    table = by_site_level(recs)
+    levels = sorted({r["level"] for r in recs})
     if not levels:
         return []
     lv = min(levels, key=lambda v: abs(v - 0.05))
     out = []
-    for s in sites_in_order(analysis["records"]):
+    for s in sites_in_order(recs):
         row = table.get((s, lv), {})
         smp, lin, bnd = row.get("sampled"), row.get("linearized"), row.get("bound")
         out.append(

@@ -16,7 +16,7 @@ from jaxtyping import Array, Float, Int
 from .. import noise as noise_lib
 from ..moments import METHODS
 from ..sites import INPUT, PureModel
-from ._bound import bound_applies, lipschitz_constants
+from ._bound import bound_applies, check_site, lipschitz_constants
 from ._common import (
     as_input,
     check_key,
@@ -43,12 +43,15 @@ class Profile:
     ``(S, L, E, B)``, ``delta_cov``: ``(S, L, E, B, k, k)`` ...). Entries an estimator
     does not produce are NaN, as in every Deviation; ``present[s][e]`` says whether
     estimator ``e`` applies at site ``s`` at all (the bound needs a layer chain, the
-    moments apply to Gaussian input noise only). :meth:`to_records` turns it into flat
-    records (batch averages) for reports.
+    moments apply to Gaussian input noise only) and ``reasons[s][e]`` why not.
+    :meth:`to_records` turns it into flat records (batch averages) for reports, and
+    :meth:`skipped` lists what could not run.
 
     Attributes:
       deviation: the stacked results.
       present: ``present[s][e]``, per site and estimator.
+      reasons: ``reasons[s][e]``: why estimator ``e`` could not run at site ``s`` ("" if
+        it ran).
       sites: site names (axis 0).
       kinds: ``"input"``, ``"activation"`` or ``"weight"`` per site.
       levels: noise levels (axis 1).
@@ -59,6 +62,7 @@ class Profile:
 
     deviation: Deviation
     present: tuple[tuple[bool, ...], ...]
+    reasons: tuple[tuple[str, ...], ...]
     sites: tuple[str, ...]
     kinds: tuple[str, ...]
     levels: tuple[float, ...]
@@ -82,6 +86,16 @@ class Profile:
             self.estimators.index(estimator)
         dev = jax.tree.map(lambda a: a[s, lv, e], self.deviation)
         return dev.labelled(estimator=estimator, site=site, law=self.laws[s][lv])
+
+    def skipped(self) -> list[dict]:
+        """What could not run: ``[{site, kind, estimator, reason}, ...]``.
+
+        Returns:
+          One entry per (site, estimator) the estimator does not apply to.
+        """
+        return [{"site": site, "kind": kind, "estimator": est, "reason": self.reasons[s][e]}
+                for s, (site, kind) in enumerate(zip(self.sites, self.kinds, strict=True))
+                for e, est in enumerate(self.estimators) if not self.present[s][e]]
 
     def to_records(self) -> list[dict]:
         """Flat records, one per (site, level, estimator) present: batch averages.
@@ -132,7 +146,8 @@ class Profile:
 
 
 def _flatten(p: Profile):
-    meta = (p.present, p.sites, p.kinds, p.levels, p.estimators, p.laws, p.num_samples)
+    meta = (p.present, p.reasons, p.sites, p.kinds, p.levels, p.estimators, p.laws,
+            p.num_samples)
     return (p.deviation,), meta
 
 
@@ -159,12 +174,20 @@ def _stack(devs):
     return jax.tree.map(lambda *a: jnp.stack(a, axis=2), *devs)
 
 
-def _present(struct, estimator: str, plan) -> tuple[bool, ...]:
-    if estimator == "bound":
-        return tuple(bound_applies(struct, s) for s, _ in plan)
-    if estimator == "moments":
-        return tuple(s == INPUT for s, _ in plan)
-    return (True,) * len(plan)
+def _reasons(struct, estimator: str, plan) -> tuple[str, ...]:
+    """Per site, why ``estimator`` cannot run there ("" where it can)."""
+    out = []
+    for site, _ in plan:
+        reason = ""
+        if estimator == "bound":
+            try:
+                check_site(struct, site)
+            except ValueError as err:
+                reason = str(err)
+        elif estimator == "moments" and site != INPUT:
+            reason = "the analytic moments propagate input noise only (site 'input')"
+        out.append(reason)
+    return tuple(out)
 
 
 def profile(
@@ -280,10 +303,11 @@ def profile(
                       estimator=e, options=options)
         for e in estimators
     ]
-    present = tuple(zip(*[_present(struct, e, plan) for e in estimators], strict=True))
+    reasons = tuple(zip(*[_reasons(struct, e, plan) for e in estimators], strict=True))
     return Profile(
         deviation=_stack(results),
-        present=present,
+        present=tuple(tuple(not r for r in row) for row in reasons),
+        reasons=reasons,
         sites=names,
         kinds=tuple(struct.site(s).kind for s in names),
         levels=levels,

@@ -34,10 +34,16 @@ def _cross_entropy(logits, labels):
 
 
 def default_chunk(struct: Structure, batch: int, num_samples: int, itemsize: int) -> int:
-    """Draws per scan step so that one step's intermediates fit the memory budget."""
+    """Draws per scan step so that one step's intermediates fit the memory budget.
+
+    The draws are spread evenly over the fewest steps that fit: 128 draws with room for
+    88 per step run as 2 × 64, not 88 + 40 padded to 88 (37% of the work wasted).
+    """
     total = sum(s.size for _, s in struct.sites if s.kind != "weight")
     per_sample = max(1, batch * total * itemsize * 4)
-    return int(max(1, min(num_samples, memory_budget() // per_sample)))
+    largest = int(max(1, min(num_samples, memory_budget() // per_sample)))
+    steps = -(-num_samples // largest)
+    return -(-num_samples // steps)
 
 
 def sampled_body(struct: Structure, params, rest, x, labels, key, law, *, site: str,

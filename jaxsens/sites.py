@@ -24,6 +24,7 @@ import difflib
 import functools
 import math
 import threading
+import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -171,7 +172,7 @@ class Structure:
             f"{list(self.weight_sites)[:4]}"
         )
 
-    def _run(self, params, rest, x, deltas, values: bool):
+    def _run(self, params, rest, x, deltas, values: bool, state: bool = False):
         deltas = dict(deltas or {})
         weight = {}
         for name in list(deltas):
@@ -195,6 +196,8 @@ class Structure:
             probes[name] = probe
             flat_init[self.site(name).path] = nnx.Perturbation(probe)
         out = nnx.capture(module, init=nnx.State(_nest(flat_init)) if flat_init else None)(x)
+        if state:
+            return out, _split3(module)[2]
         return out, {n: p.value for n, p in probes.items()}
 
     def apply(self, params, rest, x: jax.Array,
@@ -219,6 +222,12 @@ class Structure:
         """:meth:`apply`, and the clean values ``{site: (batch, *site_shape)}`` of every
         activation site (clean: before that site's own delta is added)."""
         return self._run(params, rest, x, deltas, True)
+
+    def apply_with_state(self, params, rest, x: jax.Array,
+                         deltas: Mapping[str, jax.Array] | None = None) -> tuple[jax.Array, Any]:
+        """:meth:`apply`, and the module's non-parameter state after the call (BatchNorm
+        running statistics, RNG counts ...): what a training step carries forward."""
+        return self._run(params, rest, x, deltas, False, state=True)
 
     def apply_one(self, params, rest, x1: jax.Array,
                   deltas: Mapping[str, jax.Array] | None = None) -> jax.Array:
@@ -380,10 +389,13 @@ class Adapter:
       structure: graph definition and sites.
       treedef: the module's pytree definition when the arrays are its leaves; ``None``
         when they are the ``(params, rest)`` of a :class:`PureModel`.
+      inference: the module is in training mode and the kernel runs it in inference
+        mode (Flax's ``eval()``: running statistics, no dropout).
     """
 
     structure: Structure
     treedef: Any = None
+    inference: bool = False
 
     def unpack(self, arrays) -> tuple[Any, Any]:
         """``(params, rest)`` from the arrays a kernel received (at trace time)."""
@@ -447,26 +459,86 @@ def adapt(model: nnx.Module | PureModel, x=None) -> tuple[Adapter, Any]:
         structure = _discover(model, _shape_key(model, x))
         _, params, rest = _split3(model)
         return _pure_adapter(structure), (params, rest)
+    return _module_adapter(model, x, leaves, treedef, warn=True), leaves
+
+
+def _module_adapter(model, x, leaves, treedef, *, warn: bool) -> Adapter:
     key = (treedef, _shape_key(model, x))
     adapter = _MODULE_ADAPTERS.get(key)
     if adapter is None:
-        structure = _discover(model, key[1])
+        training = training_mode_layers(model)
+        if training:
+            # Analyse what the model computes at inference: the structure (graph
+            # definition) is that of Flax's eval() view; the state arrays are the same.
+            view = jax.tree_util.tree_unflatten(treedef, leaves)
+            view.eval()
+            structure = _discover(view, key[1])
+            if warn:
+                warnings.warn(
+                    f"jaxsens analyses this {type(model).__name__} in inference mode "
+                    f"(Flax's eval(): {', '.join(training)}); call model.eval() first to "
+                    "say so and silence this", stacklevel=4)
+        else:
+            structure = _discover(model, key[1])
         with _LOCK:
-            adapter = _MODULE_ADAPTERS.setdefault(key, Adapter(structure, treedef))
-    return adapter, leaves
+            adapter = _MODULE_ADAPTERS.setdefault(key, Adapter(structure, treedef,
+                                                               bool(training)))
+    return adapter
 
 
-def split(model: nnx.Module | PureModel, x: jax.Array | None = None) -> PureModel:
+def inference_structure(model: nnx.Module, x=None) -> Structure:
+    """The :class:`Structure` of ``model`` in inference mode (Flax's ``eval()``), without
+    changing ``model``; its own structure if it is already in inference mode.
+
+    Args:
+      model: a Flax NNX module (a pytree).
+      x: an example batch, needed unless the module has an ``input_shape`` attribute.
+
+    Returns:
+      The structure whose graph definition runs the model with running statistics and
+      no dropout; its parameters and state are the model's own.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(model)
+    return _module_adapter(model, x, leaves, treedef, warn=False).structure
+
+
+def training_mode_layers(model: nnx.Module) -> list[str]:
+    """The submodules that behave differently in training: BatchNorm-like layers using
+    batch statistics, dropout-like layers that drop.
+
+    Args:
+      model: a Flax NNX module.
+
+    Returns:
+      ``"path (what)"`` for each submodule whose ``use_running_average`` or
+      ``deterministic`` attribute is ``False`` (empty in inference mode).
+    """
+    out = []
+    for path, sub in nnx.iter_modules(model):
+        name = path_name(tuple(path)) or type(sub).__name__
+        if getattr(sub, "use_running_average", None) is False:
+            out.append(f"{name} (batch statistics)")
+        if getattr(sub, "deterministic", None) is False:
+            out.append(f"{name} (dropout)")
+    return out
+
+
+def split(model: nnx.Module | PureModel, x: jax.Array | None = None, *,
+          inference: bool = True) -> PureModel:
     """Split an NNX module once into a :class:`PureModel`.
 
     The sites are found by an abstract trace the first time an architecture (and input
-    shape) is seen, and reused afterwards.
+    shape) is seen, and reused afterwards. A module in training mode (batch statistics,
+    active dropout) is split as Flax's ``eval()`` would run it, with a warning, unless
+    ``inference=False``.
 
     Args:
       model: a Flax NNX module marking its hidden values with ``self.perturb``, or an
         already split :class:`PureModel` (returned as is).
       x: an example batch ``(batch, *input_shape)`` (only its shape is used); needed
         unless the module has an ``input_shape`` attribute.
+      inference: analyse the model in inference mode (default); ``False`` keeps the
+        module's own mode (what training uses).
 
     Returns:
       A :class:`PureModel`: the static :class:`Structure` (graph definition and sites)
@@ -477,6 +549,9 @@ def split(model: nnx.Module | PureModel, x: jax.Array | None = None) -> PureMode
     """
     if isinstance(model, PureModel):
         return model
+    if not inference and isinstance(model, nnx.Module):
+        _, params, rest = _split3(model)
+        return PureModel(_discover(model, _shape_key(model, x)), params, rest)
     adapter, arrays = adapt(model, x)
     if adapter.treedef is None:
         params, rest = arrays

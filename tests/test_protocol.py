@@ -267,3 +267,35 @@ def test_traced_noise_levels_vmap_and_grad(model):
     v = jax.vmap(smp)(eps)
     np.testing.assert_allclose(v, [smp(e) for e in eps], rtol=1e-5)
     assert np.isfinite(float(jax.grad(smp)(0.2)))
+
+
+def test_training_mode_models_are_analysed_in_inference_mode_with_a_warning():
+    """BatchNorm with batch statistics and active dropout would make the linearized
+    estimate depend on the batch and the draws of the mask: the estimators analyse what
+    the model computes at inference (Flax's eval()) and say so once."""
+
+    class NormDrop(nnx.Module):
+        def __init__(self, rngs):
+            self.input_shape = (6,)
+            self.dense = nnx.Linear(6, 10, rngs=rngs)
+            self.norm = nnx.BatchNorm(10, rngs=rngs)
+            self.drop = nnx.Dropout(0.5, rngs=rngs)
+            self.out = nnx.Linear(10, 3, rngs=rngs)
+
+        def __call__(self, x):
+            h = self.drop(jax.nn.relu(self.norm(self.dense(x))))
+            return self.out(js.models.mark_site(self, "h", h))
+
+    x = _x((4, 6))
+    law = noise.RelativeNorm(0.1)
+    training = NormDrop(nnx.Rngs(0))
+    with pytest.warns(UserWarning, match=r"inference mode .*drop \(dropout\), norm "
+                                         r"\(batch statistics\)"):
+        first = js.linearized(training, x, site="h", noise=law)
+    again = js.linearized(training, x, site="h", noise=law)  # once per architecture
+    inference = NormDrop(nnx.Rngs(0))
+    inference.eval()
+    ref = js.linearized(inference, x, site="h", noise=law)
+    np.testing.assert_allclose(first.rms, ref.rms, rtol=1e-6)
+    np.testing.assert_allclose(again.rms, ref.rms, rtol=1e-6)
+    assert training.drop.deterministic is False  # the user's model is left as it was

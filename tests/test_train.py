@@ -293,3 +293,68 @@ def test_bad_arguments_raise_one_line_value_errors(call, match):
     with pytest.raises(ValueError, match=match) as err:
         call()
     assert "\n" not in str(err.value)
+
+
+class _NormDrop(nnx.Module):
+    """Dense → BatchNorm → relu → Dropout → dense: state that training must carry."""
+
+    def __init__(self, rngs):
+        self.input_shape = (8,)
+        self.dense = nnx.Linear(8, 16, rngs=rngs)
+        self.norm = nnx.BatchNorm(16, momentum=0.8, rngs=rngs)
+        self.drop = nnx.Dropout(0.3, rngs=rngs)
+        self.out = nnx.Linear(16, 3, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.drop(jax.nn.relu(self.norm(self.dense(x))))
+        return self.out(js.models.mark_site(self, "h0", h))
+
+
+def test_batchnorm_and_dropout_state_is_carried_like_a_plain_optax_loop(tmp_path):
+    """Running statistics move, dropout masks change from step to step, the test metrics
+    are those of the model in inference mode, and the parameters equal those of the
+    same training written by hand with nnx and optax."""
+    ds = _mixture()
+    key = jax.random.key(0)
+    sgd = tr.make_optimizer("sgd", 0.05)
+    res = tr.train(_NormDrop(nnx.Rngs(0)), ds, optimizer=sgd,
+                   loss_terms=[(1.0, losses.CrossEntropy())], epochs=2, batch_size=64,
+                   key=key, progress=False, checkpoint_dir=tmp_path / "ck")
+    trained = res.model
+    steps = 2 * data.num_batches(ds.n_train, 64)
+    assert not np.allclose(trained.norm.mean.get_value(), 0.0, atol=1e-3)
+    assert not np.allclose(trained.norm.var.get_value(), 1.0, atol=1e-3)
+    assert int(trained.drop.rngs.count.get_value()) == steps  # one mask per step
+
+    # The same training by hand: the batches of train(), one forward per step.
+    ref = _NormDrop(nnx.Rngs(0))
+    opt = nnx.Optimizer(ref, optax.sgd(0.05), wrt=nnx.Param)
+    x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
+    index = np.arange(ds.n_train)
+
+    @nnx.jit
+    def step(model, opt, xb, yb):
+        def loss_fn(m):
+            return optax.softmax_cross_entropy_with_integer_labels(m(xb), yb).mean()
+
+        opt.update(model, nnx.grad(loss_fn)(model))
+
+    for epoch in range(2):
+        shuffle_key, _ = jax.random.split(jax.random.fold_in(key, epoch))
+        for idx, _ in data.batches(index, index, 64, key=shuffle_key):
+            step(ref, opt, x[idx], y[idx])
+    for a, b in zip(jax.tree.leaves(nnx.state(trained, nnx.Param)),
+                    jax.tree.leaves(nnx.state(ref, nnx.Param)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(trained.norm.mean.get_value(), ref.norm.mean.get_value(),
+                               rtol=1e-5, atol=1e-6)
+
+    # Test metrics in inference mode (running statistics, no dropout).
+    ref.eval()
+    logits = ref(jnp.asarray(ds.x_test))
+    acc = float(jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(ds.y_test)))
+    assert res.history[-1]["test_accuracy"] == pytest.approx(acc)
+    # The state is checkpointed: loading the run gives the trained statistics back.
+    loaded = tr.load_checkpoint(tmp_path / "ck", _NormDrop(nnx.Rngs(5))).model
+    np.testing.assert_array_equal(loaded.norm.var.get_value(), trained.norm.var.get_value())
+    assert int(loaded.drop.rngs.count.get_value()) == steps

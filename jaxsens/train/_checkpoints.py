@@ -1,7 +1,9 @@
 """Orbax checkpoints of a training run: save after an epoch, resume, load.
 
-A checkpoint holds the parameters, the optimizer state and a JSON ``meta`` item (epoch,
-history, run signature and array specs); :func:`load_checkpoint` reads one back.
+A checkpoint holds the parameters, the optimizer state, the model's other state
+(BatchNorm running statistics, RNG counters and keys; when there is any) and a JSON
+``meta`` item (epoch, history, run signature and array specs); :func:`load_checkpoint`
+reads one back.
 """
 
 from __future__ import annotations
@@ -54,6 +56,22 @@ def _leaf_dict(tree) -> dict[str, jax.Array]:
     return {f"{i:05d}": leaf for i, leaf in enumerate(jax.tree.leaves(tree))}
 
 
+def _is_key(leaf) -> bool:
+    return jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
+def _storable(tree):
+    """``tree`` with typed PRNG keys as their raw key data (what orbax can write)."""
+    return jax.tree.map(lambda a: jax.random.key_data(a) if _is_key(a) else a, tree)
+
+
+def _from_storable(like, stored):
+    """Inverse of :func:`_storable`, the key implementations taken from ``like``."""
+    return jax.tree.map(
+        lambda ref, a: jax.random.wrap_key_data(a, impl=jax.random.key_impl(ref))
+        if _is_key(ref) else a, like, stored)
+
+
 def _abstract(tree) -> dict[str, jax.ShapeDtypeStruct]:
     return {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)
             for k, a in _leaf_dict(tree).items()}
@@ -77,10 +95,10 @@ def _manager(directory: Path, *, create: bool):
         cleanup_tmp_directories=True,
     )
     return ocp.CheckpointManager(directory.absolute(), options=options,
-                                 item_names=("params", "opt_state", "meta"))
+                                 item_names=("params", "opt_state", "state", "meta"))
 
 
-def _save(mgr, epoch: int, params, opt_state, meta: dict) -> None:
+def _save(mgr, epoch: int, params, opt_state, meta: dict, state=None) -> None:
     import orbax.checkpoint as ocp
 
     items = {"params": ocp.args.StandardSave(_leaf_dict(params)),
@@ -88,6 +106,9 @@ def _save(mgr, epoch: int, params, opt_state, meta: dict) -> None:
     opt_leaves = _leaf_dict(opt_state)
     if opt_leaves:  # orbax refuses empty items (e.g. plain SGD has no state)
         items["opt_state"] = ocp.args.StandardSave(opt_leaves)
+    state_leaves = _leaf_dict(_storable(state)) if state is not None else {}
+    if state_leaves:
+        items["state"] = ocp.args.StandardSave(state_leaves)
     if epoch in mgr.all_steps():
         # Only an unreadable checkpoint we fell back from can sit at a step we train again.
         mgr.delete(epoch)
@@ -122,22 +143,29 @@ def _check_spec(directory: Path, what: str, saved: list | None, tree) -> None:
         )
 
 
-def _restore(mgr, step: int, params, opt_state):
+def _restore(mgr, step: int, params, opt_state, state=None, *, saved_state: bool = False):
     import orbax.checkpoint as ocp
 
     items = {"params": ocp.args.StandardRestore(_abstract(params))}
     want_opt = opt_state is not None and jax.tree.leaves(opt_state)
     if want_opt:
         items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state))
+    want_state = saved_state and state is not None and jax.tree.leaves(state)
+    if want_state:
+        items["state"] = ocp.args.StandardRestore(_abstract(_storable(state)))
     out = mgr.restore(step, args=ocp.args.Composite(**items))
     new_params = _from_leaf_dict(params, out["params"])
     new_opt = _from_leaf_dict(opt_state, out["opt_state"]) if want_opt else opt_state
-    return new_params, new_opt
+    new_state = (_from_storable(state, _from_leaf_dict(state, out["state"])) if want_state
+                 else state)
+    return new_params, new_opt, new_state
 
 
-def _restore_latest(mgr, directory: Path, params, opt_state, *, max_epoch: int | None = None,
-                    signature: Mapping | None = None, steps: Sequence[int] | None = None):
-    """The newest readable checkpoint (epoch <= max_epoch) as (params, opt_state, meta).
+def _restore_latest(mgr, directory: Path, params, opt_state, state=None, *,
+                    max_epoch: int | None = None, signature: Mapping | None = None,
+                    steps: Sequence[int] | None = None):
+    """The newest readable checkpoint (epoch <= max_epoch) as (params, opt_state, state,
+    meta); ``state`` stays as given where the checkpoint has none.
 
     ``None`` if the directory holds no checkpoint. A checkpoint that cannot be read (damaged
     after it was written) is skipped for the previous one; one written by a different run
@@ -166,8 +194,12 @@ def _restore_latest(mgr, directory: Path, params, opt_state, *, max_epoch: int |
         _check_spec(directory, "model", meta.get("params_spec"), params)
         if opt_state is not None:
             _check_spec(directory, "optimizer", meta.get("opt_state_spec"), opt_state)
+        saved_state = meta.get("state_spec") is not None
+        if saved_state and state is not None:
+            _check_spec(directory, "model state", meta.get("state_spec"), state)
         try:
-            return (*_restore(mgr, step, params, opt_state), meta)
+            return (*_restore(mgr, step, params, opt_state, state, saved_state=saved_state),
+                    meta)
         except Exception as err:  # damaged outside orbax: try the previous one
             errors.append(f"epoch {step}: {type(err).__name__}: {err}".splitlines()[0])
             _log.warning("jaxsens.train: cannot read checkpoint %s/%d (%s); trying an older one",
@@ -216,7 +248,8 @@ def load_checkpoint(
 
     Returns:
       A :class:`Checkpoint` ``(model, opt_state, epoch, history)``: a new module of
-      ``model``'s architecture holding the saved parameters (and ``model``'s other state),
+      ``model``'s architecture holding the saved parameters and other state (``model``'s
+      own state where the checkpoint has none),
       the saved optimizer state (``None`` without ``optimizer``), the number of completed
       epochs and their metrics.
 
@@ -224,7 +257,7 @@ def load_checkpoint(
       ValueError: no (readable) checkpoint for this model / optimizer in the directory.
     """
     directory = Path(checkpoint_dir)
-    pm = split(model)
+    pm = split(model, inference=False)
     opt_state = optimizer.init(pm.params) if optimizer is not None else None
     if not directory.is_dir():
         raise ValueError(f"checkpoint_dir {directory} does not exist")
@@ -233,13 +266,13 @@ def load_checkpoint(
         if epoch is not None and epoch not in mgr.all_steps():
             raise ValueError(f"no checkpoint for epoch {epoch} in {directory}; have "
                              f"{sorted(mgr.all_steps())}")
-        res = _restore_latest(mgr, directory, pm.params, opt_state,
+        res = _restore_latest(mgr, directory, pm.params, opt_state, pm.rest,
                               steps=None if epoch is None else [epoch])
     finally:
         mgr.close()
     if res is None:
         raise ValueError(f"no checkpoint in {directory}")
-    params, opt_state, meta = res
-    return Checkpoint(nnx.merge(pm.structure.graphdef, params, pm.rest),
+    params, opt_state, state, meta = res
+    return Checkpoint(nnx.merge(pm.structure.graphdef, params, state),
                       opt_state if optimizer is not None else None,
                       int(meta["epoch"]), list(meta["history"]))

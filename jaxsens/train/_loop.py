@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .. import data as data_lib
 from ..losses import CrossEntropy, LossTerm, normalize_terms, term_names, total_loss
-from ..sites import PureModel, Structure, split
+from ..sites import PureModel, Structure, inference_structure, split
 from ._checkpoints import (
     _CHECKPOINT_FORMAT,
     _manager,
@@ -69,7 +69,7 @@ def make_train_step(
     loss_terms: LossTerm | Sequence[tuple[float, LossTerm] | LossTerm],
 ) -> Callable:
     """The (unjitted) train step ``(params, opt_state, rest, x, y, key) -> (params, opt_state,
-    metrics)``.
+    rest, metrics)``.
 
     One optimizer step on the objective of :func:`jaxsens.losses.total_loss`,
 
@@ -81,7 +81,9 @@ def make_train_step(
     ``metrics`` holds the total ``loss``, each term's batch mean (by
     :func:`jaxsens.losses.term_names`), ``correct`` (number of correct argmax predictions of
     the clean forward pass) and ``grad_norm`` (global ℓ2 norm of the gradient); all are
-    taken at the parameters before the update.
+    taken at the parameters before the update. The model's other state (BatchNorm running
+    statistics, dropout RNG counters ...) comes out of the clean forward pass and is
+    carried to the next step; every loss term of a step sees the state it started with.
 
     Args:
       struct: the model structure (:attr:`jaxsens.sites.PureModel.structure`).
@@ -93,7 +95,7 @@ def make_train_step(
       The pure function ``step(params, opt_state, rest, x, y, key)``: ``x`` inputs
       ``(batch, *input_shape)``, ``y`` integer labels ``(batch,)``, ``key`` the PRNG key of
       the step (loss term ``i`` gets ``fold_in(key, i)``); it returns the new ``params``,
-      the new ``opt_state`` and the ``metrics`` dict of scalar arrays. Wrap it in
+      the new ``opt_state``, the new ``rest`` and the ``metrics`` dict of scalar arrays. Wrap it in
       ``jax.jit`` to compile it.
 
     Raises:
@@ -107,10 +109,11 @@ def make_train_step(
             loss, parts = total_loss(terms, struct, p, rest, x, y, key)
             # The clean logits for the accuracy; XLA merges this forward pass with the
             # cross-entropy term's identical one.
-            logits = struct.apply(p, rest, x)
-            return loss, (parts, logits)
+            logits, new_rest = struct.apply_with_state(p, rest, x)
+            return loss, (parts, logits, new_rest)
 
-        (loss, (parts, logits)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        (loss, (parts, logits, new_rest)), grads = jax.value_and_grad(
+            objective, has_aux=True)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         pred = jnp.argmax(logits.reshape(logits.shape[0], -1), axis=-1)
@@ -120,7 +123,7 @@ def make_train_step(
             "correct": jnp.sum(pred == y),
             "grad_norm": optax.tree.norm(grads),
         }
-        return params, opt_state, metrics
+        return params, opt_state, new_rest, metrics
 
     return step
 
@@ -326,8 +329,11 @@ def train(
         raise ValueError(f"data must be a jaxsens.data.Dataset, got {type(data).__name__}")
     if isinstance(model, PureModel) or not isinstance(model, nnx.Module):
         raise ValueError(f"model must be a flax.nnx.Module, got {type(model).__name__}")
-    pm = split(model, None if hasattr(model, "input_shape") else jnp.asarray(data.x_train[:1]))
+    example = None if hasattr(model, "input_shape") else jnp.asarray(data.x_train[:1])
+    # Train the module as it is (batch statistics, dropout); evaluate it in inference mode.
+    pm = split(model, example, inference=False)
     struct, rest = pm.structure, pm.rest
+    eval_struct = inference_structure(model, example)
     for _, term in terms:
         term.check(struct)
     # Fresh buffers: the step donates params / opt_state, which must not be the module's own.
@@ -349,10 +355,10 @@ def train(
     directory = None if checkpoint_dir is None else Path(checkpoint_dir)
     if directory is not None:
         mgr = _manager(directory, create=True)
-        res = _restore_latest(mgr, directory, params, opt_state, max_epoch=epochs,
+        res = _restore_latest(mgr, directory, params, opt_state, rest, max_epoch=epochs,
                               signature=signature)
         if res is not None:
-            params, opt_state, meta = res
+            params, opt_state, rest, meta = res
             start = int(meta["epoch"])
             history = list(meta["history"])
 
@@ -360,7 +366,7 @@ def train(
     params, opt_state = jax.tree.map(lambda a: jax.device_put(a, a.sharding),
                                      (params, opt_state))
     step = _step_for(struct, optimizer, terms)
-    evaluate = make_eval_fn(struct)
+    evaluate = make_eval_fn(eval_struct)
     index = np.arange(n_train)
 
     bar = tqdm(total=epochs, initial=start, desc="train", unit="epoch",
@@ -374,8 +380,9 @@ def train(
             acc = _EpochSums(("loss", *names, "correct", "grad_norm"), epoch + 1, directory)
             pending = None
             for s, (idx, _) in enumerate(order):
-                params, opt_state, m = step(params, opt_state, rest, x_train, y_train,
-                                            jnp.asarray(idx), jax.random.fold_in(step_root, s))
+                params, opt_state, rest, m = step(params, opt_state, rest, x_train, y_train,
+                                                  jnp.asarray(idx),
+                                                  jax.random.fold_in(step_root, s))
                 # Check the previous step while this one runs (keeps the device busy).
                 if pending is not None:
                     acc.add(*pending)
@@ -405,8 +412,9 @@ def train(
             if mgr is not None and ((epoch + 1) % checkpoint_every == 0 or epoch + 1 == epochs):
                 meta = {"format": _CHECKPOINT_FORMAT, "epoch": epoch + 1, "history": history,
                         "signature": signature, "params_spec": _spec(params),
-                        "opt_state_spec": _spec(opt_state)}
-                _save(mgr, epoch + 1, params, opt_state, meta)
+                        "opt_state_spec": _spec(opt_state),
+                        "state_spec": _spec(rest) if jax.tree.leaves(rest) else None}
+                _save(mgr, epoch + 1, params, opt_state, meta, rest)
             if on_epoch is not None:
                 on_epoch(dict(record))
             bar.update(1)

@@ -11,7 +11,17 @@ import itertools
 import sys
 from pathlib import Path
 
-from .config import ConfigError, builtin_experiments, load_config, read_yaml, resolve_source
+import yaml
+
+from . import __version__
+from .config import (
+    ConfigError,
+    builtin_experiments,
+    load_config,
+    read_yaml,
+    resolve_source,
+    to_dict,
+)
 from .report import render_report
 from .runner import run_experiment
 from .train import TrainingDiverged
@@ -24,7 +34,10 @@ def _parser() -> argparse.ArgumentParser:
         prog="jaxsens",
         description="Differentiable sensitivity experiments: sampled, predicted and bounded "
         "output deviations of neural networks under noise.",
+        epilog="--set takes dotted paths into the YAML config; list entries by index, e.g. "
+        "--set analyses.0.levels=[0.05,0.1] --set train.epochs=3.",
     )
+    p.add_argument("--version", action="version", version=f"jaxsens {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run an experiment (default: noise_propagation)")
     r.add_argument("config", nargs="?", help="a YAML config or a built-in experiment name")
@@ -38,12 +51,23 @@ def _parser() -> argparse.ArgumentParser:
                    required=True, help="a swept field and its values (repeatable)")
     s.add_argument("--out", help="parent directory of the run directories "
                    "(default: runs/NAME-sweep)")
-    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field for every point, e.g. --set train.epochs=3")
+    s.add_argument("--quiet", action="store_true", help="no progress output")
     rp = sub.add_parser("report", help="re-render figures and report.md from a run directory")
-    rp.add_argument("run_dir")
+    rp.add_argument("run_dir", help="a finished run directory (holding results.json)")
+    c = sub.add_parser("config", help="print the resolved, validated config without running")
+    c.add_argument("config", nargs="?", help="a YAML config or a built-in experiment name")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (repeatable)")
     sub.add_parser("list", help="list the built-in experiments")
     return p
+
+
+def _cmd_config(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), end="")
+    return 0
 
 
 def _cmd_run(args) -> int:
@@ -104,7 +128,8 @@ def _cmd_list(args) -> int:
     return 0
 
 
-_COMMANDS = {"run": _cmd_run, "sweep": _cmd_sweep, "report": _cmd_report, "list": _cmd_list}
+_COMMANDS = {"run": _cmd_run, "sweep": _cmd_sweep, "report": _cmd_report,
+             "config": _cmd_config, "list": _cmd_list}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = _parser().parse_args(argv)
     try:
-        if args.command in ("run", "sweep") and args.config is not None:
+        if args.command in ("run", "sweep", "config") and args.config is not None:
             resolve_source(args.config)
         return _COMMANDS[args.command](args)
     except ConfigError as err:

@@ -280,6 +280,9 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict:
 def read_yaml(path: str | Path) -> dict:
     """Safely load a YAML file into a mapping (ConfigError on any problem)."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config {str(path)!r} is a directory; give a YAML file or the name "
+                          f"of a built-in experiment ({', '.join(builtin_experiments())})")
     if not p.is_file():
         hint = ""
         if p.stem in builtin_experiments():

@@ -14,9 +14,9 @@ Terms:
     the output deviation ‖F(x; site + η) − F(x)‖², or the cross-entropy of the noisy
     forward pass (noise-injection training).
   * :class:`JacobianPenalty` — Hoffman, Roberts & Yaida (2019): ‖J‖_F² ≈ k ‖vᵀJ‖² with
-    random unit projections v (DESIGN §3.7).
+    random unit projections v (Hoffman, Roberts, Yaida 2019).
   * :class:`LinearizedPenalty` — the exact first-order mean-square deviation
-    E‖Jη‖² = tr(J C Jᵀ) of :func:`jaxsens.linearized` (DESIGN §3.2).
+    E‖Jη‖² = tr(J C Jᵀ) of :func:`jaxsens.linearized`.
 
 Configs choose terms through the explicit registry :data:`LOSSES` and :func:`make_loss`.
 """
@@ -226,7 +226,7 @@ class NoiseLoss(LossTerm):
             return optax.softmax_cross_entropy_with_integer_labels(out, y)
 
         # All draws in one chunk (vmapped) with params and x unbatched: the prefix before
-        # the site is computed once (DESIGN §2, prefix reuse).
+        # the site is computed once (prefix reuse).
         return montecarlo.average(draw, key, num_samples=self.num_samples,
                                   chunk=self.num_samples).mean
 

@@ -1,4 +1,4 @@
-"""Noise laws: how a perturbation η is drawn from a clean value v (DESIGN §3.1).
+"""Noise laws: how a perturbation η is drawn from a clean value v.
 
 Every law is an immutable pytree with one data field, ``level`` (ε or σ), and:
 

@@ -1,4 +1,4 @@
-"""E‖z‖ of a Gaussian vector by a 1-D quadrature, exactly to rounding (DESIGN §3.2).
+"""E‖z‖ of a Gaussian vector by a 1-D quadrature, exactly to rounding.
 
 Shared numerics: the linearized estimator's E‖Jη‖ and the moments' E‖ΔF‖ both use the
 trapezoid rule in log t defined here (``STEP``, ``NODES``).
@@ -44,7 +44,7 @@ def _integrals(lam: jax.Array):
 def gaussian_norm_mean_from_eigs(lam: Float[Array, " k"]) -> Float[Array, ""]:
     """E‖z‖ for z ~ N(0, diag(lam)), ``lam >= 0``.
 
-    E‖z‖ = 1/(2√π) ∫₀^∞ [1 − Π_i (1 + 2tλ_i)^{−1/2}] t^{−3/2} dt  (DESIGN §3.2),
+    E‖z‖ = 1/(2√π) ∫₀^∞ [1 − Π_i (1 + 2tλ_i)^{−1/2}] t^{−3/2} dt,
     from E‖z‖ = 1/(2√π) ∫ (1 − E e^{−t‖z‖²}) t^{−3/2} dt.
 
     Computed for ``lam / Σλ`` by the trapezoid rule in log t on :data:`NODES` and scaled

@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-from .analyses import KINDS
+from .analyses import KINDS, summary_row
 from .io import atomic_write_text
 
 __all__ = ["render_report", "summary_table"]
@@ -23,21 +23,29 @@ def _num(v, fmt="{:.4g}") -> str:
 
 
 def summary_table(results: dict) -> str:
-    """A compact terminal table: each analysis's own summary lines (its kind decides).
+    """A compact terminal table: one block per run of analyses of the same kind, each
+    under its kind's own column names (the noise analyses: site, ε, sampled, predicted,
+    bound, accuracy at the level nearest 5%).
 
     Args:
       results: the contents of a run's ``results.json``.
 
     Returns:
-      A header line (analysis, site, ε, sampled, predicted, bound, accuracy) followed by
-      the lines of every analysis whose kind this version knows, joined with newlines.
+      The table's lines joined with newlines; analyses of kinds this version does not
+      know are left out.
     """
-    out = [f"{'analysis':<18} {'site':<18} {'ε':>6} {'sampled':>10} {'predicted':>10} "
-           f"{'bound':>10} {'accuracy':>9}"]
+    out: list[str] = []
+    previous = None
     for a in results.get("analyses", []):
         kind = KINDS.get(a["kind"])
-        if kind is not None:
-            out += kind.summary(a)
+        if kind is None:
+            continue
+        if kind.columns != previous:
+            if out:
+                out.append("")
+            out.append(summary_row("analysis", *kind.columns))
+            previous = kind.columns
+        out += kind.summary(a)
     return "\n".join(out)
 
 

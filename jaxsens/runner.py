@@ -133,6 +133,13 @@ def _loss_terms(cfg: ExperimentConfig):
 
 
 def _check_run_dir(run_dir: Path, resolved: dict) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run directory {str(run_dir)!r} is a file; choose a directory "
+                          "for --out (output.dir)")
+    for parent in run_dir.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"run directory {str(run_dir)!r} lies below the file "
+                              f"{str(parent)!r}; choose another --out")
     cfg_file = run_dir / "config.yaml"
     if cfg_file.exists():
         old = yaml.safe_load(cfg_file.read_text()) or {}

@@ -139,3 +139,21 @@ def test_skipped_estimators_are_reported_not_dropped():
     assert "Not run: bound at h0 (bound needs the model's layer chain)." in text
     assert "| h0 | 0.1 |" in text  # the measured row is still there
     assert len(kind.summary(entry)) == 1
+
+
+def test_summary_table_has_a_header_per_kind():
+    from jaxsens.report import summary_table
+
+    results = {"analyses": [
+        {"name": "norms", "kind": "weight_norms", "records": [
+            {"site": "layers/0/kernel", "frobenius": 3.0, "spectral": 2.0,
+             "linf_operator": 4.0}]},
+        {"name": "maps", "kind": "sensitivity_map", "records": [
+            {"example": 0, "level": 0.1, "total": 1.5, "top10_fraction": 0.4}]},
+    ]}
+    lines = summary_table(results).splitlines()
+    assert lines[0].split()[:2] == ["analysis", "weight"] and "‖W‖₂" in lines[0]
+    assert lines[1].startswith("norms") and "2" in lines[1]
+    assert lines[2] == ""
+    assert lines[3].split()[:3] == ["analysis", "example", "σ"] and "total" in lines[3]
+    assert lines[4].startswith("maps") and "0.40" in lines[4]

@@ -29,6 +29,7 @@ LAYERS = {
     "config": 8, "report": 8,
     "runner": 9,
     "cli": 10,
+    "__main__": 11,
 }
 
 # Imports deliberately made inside functions, each for a documented reason: heavy required

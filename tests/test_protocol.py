@@ -299,3 +299,20 @@ def test_training_mode_models_are_analysed_in_inference_mode_with_a_warning():
     np.testing.assert_allclose(first.rms, ref.rms, rtol=1e-6)
     np.testing.assert_allclose(again.rms, ref.rms, rtol=1e-6)
     assert training.drop.deterministic is False  # the user's model is left as it was
+
+
+def test_deviation_repr_is_one_short_line(model):
+    dev = js.linearized(model, _x((32, 6)), site="h1", noise=noise.RelativeNorm(0.1))
+    text = repr(dev)
+    assert "\n" not in text and len(text) < 400, text
+    assert text.startswith("Deviation(estimator='linearized', site='h1'")
+    assert "rms(32,) mean=" in text and "upper" not in text  # absent quantities left out
+
+
+def test_profile_needs_a_key_only_for_the_sampled_estimator(model):
+    x = _x((3, 6))
+    law = noise.RelativeNorm(0.1)
+    prof = js.profile(model, x, noise=law, levels=[0.1], estimators=("linearized", "bound"))
+    assert prof.deviation.mean.shape == (2, 1, 2, 3)
+    with pytest.raises(ValueError, match="'sampled' estimator needs key="):
+        js.profile(model, x, noise=law, levels=[0.1])

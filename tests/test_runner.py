@@ -306,3 +306,25 @@ def test_sweep_runs_each_point_once(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(argv) == 0
     assert capsys.readouterr().err.count("[skip]") == 2
+
+
+def test_cli_config_version_and_bad_paths(tmp_path, capsys):
+    """`config` prints the resolved config without running; bad --out and a directory
+    given as the config fail in one line."""
+    assert cli.main(["config", "noise_propagation", "--set", "train.epochs=2"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["epochs"] == 2 and printed["analyses"][0]["kind"] == \
+        "activation_noise"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("jaxsens ")
+    assert cli.main(["run", str(tmp_path), "--quiet"]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    path = _write(tmp_path, TINY)
+    for out in (blocker, blocker / "run"):
+        assert cli.main(["run", str(path), "--out", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("jaxsens: error: run directory") and "\n" not in err, err
+    assert blocker.read_text() == "x"  # nothing written over it

@@ -17,6 +17,7 @@ from . import gaussian_attack, moments_tightness, noise_profile, sensitivity_map
 from ._base import AnalysisConfig as AnalysisConfig
 from ._base import AnalysisKind as AnalysisKind
 from ._base import Context as Context
+from ._base import summary_row as summary_row
 
 KINDS: dict[str, AnalysisKind] = {
     kind.name: kind for kind in (
@@ -38,4 +39,4 @@ else:
     ]
 """The config of any analysis, validated into its kind's class by ``kind``."""
 
-__all__ = ["KINDS", "AnalysisUnion", "AnalysisConfig", "AnalysisKind", "Context"]
+__all__ = ["KINDS", "AnalysisUnion", "AnalysisConfig", "AnalysisKind", "Context", "summary_row"]

@@ -16,7 +16,7 @@ from ..schema import ConfigError, Frozen, one_of
 from ..sites import PureModel
 
 __all__ = ["AnalysisConfig", "WithLevels", "WithMoments", "AnalysisKind", "Context",
-           "check_moments_model", "a_kind"]
+           "check_moments_model", "a_kind", "summary_row"]
 
 
 class AnalysisConfig(Frozen):
@@ -107,6 +107,7 @@ class AnalysisKind:
         ``analysis`` is the saved entry (``name``, ``kind``, ``records`` ...).
       markdown: ``markdown(analysis, figures) -> str``, its report section.
       summary: ``summary(analysis) -> lines`` for the terminal table.
+      columns: the names of the summary's columns after ``analysis`` (its header).
     """
 
     config: type[AnalysisConfig]
@@ -114,11 +115,22 @@ class AnalysisKind:
     figures: Callable[[Path, dict], list[str]]
     markdown: Callable[[dict, list[str]], str]
     summary: Callable[[dict], list[str]]
+    columns: tuple[str, ...] = ("site", "ε", "sampled", "predicted", "bound", "accuracy")
 
     @property
     def name(self) -> str:
         (value,) = typing.get_args(self.config.model_fields["kind"].annotation)
         return value
+
+
+def summary_row(name: str, *cells: str) -> str:
+    """One line of the terminal summary: the analysis name, then the cells (widths 18, 6,
+    10, 10, 10, 9: the first cell names a site or an example)."""
+    widths = (18, 6, 10, 10, 10, 9)
+    out = f"{name:<18.18}"
+    for i, (cell, width) in enumerate(zip(cells, widths, strict=False)):
+        out += f" {cell:<{width}.{width}}" if i == 0 else f" {cell:>{width}}"
+    return out
 
 
 def a_kind(kind: str) -> str:

@@ -20,7 +20,7 @@ from ..moments import OBJECTIVES, check_attack, gaussian_noise_attack
 from ..plotting import as_picture
 from ..schema import ConfigError, one_of
 from ..sites import PureModel
-from ._base import AnalysisKind, Context, WithMoments, check_moments_model
+from ._base import AnalysisKind, Context, WithMoments, check_moments_model, summary_row
 from ._report import num, save_figure
 
 __all__ = ["GaussianAttack", "KIND"]
@@ -179,11 +179,11 @@ def markdown(analysis: dict, figs: list[str]) -> str:
 
 
 def summary(analysis: dict) -> list[str]:
-    return [f"{analysis['name']:<18.18} {'attack ex ' + str(r['example']):<18} "
-            f"{r['level']:>6g} {'success':>10} "
-            f"{num(r['success_rate'], '{:.3f}'):>10} {'baseline':>10} "
-            f"{num(r['baseline_success_rate'], '{:.3f}'):>9}"
+    return [summary_row(analysis["name"], f"example {r['example']}", f"{r['level']:g}",
+                        num(r["success_rate"], "{:.3f}"),
+                        num(r["baseline_success_rate"], "{:.3f}"), num(r["mc_margin"]))
             for r in analysis["records"]]
 
 
-KIND = AnalysisKind(GaussianAttack, run, figures, markdown, summary)
+KIND = AnalysisKind(GaussianAttack, run, figures, markdown, summary,
+                    ("example", "budget", "success", "isotropic", "MC margin"))

@@ -2,7 +2,7 @@
 
 Symmetric relative error per logit of the two-stage and layerwise means and variances,
 and of the zero-mean (CVPR 2018) variance formula applied at the actual mean, over input
-noise levels σ (Bibi et al. 2018; DESIGN §3.4).
+noise levels σ (Bibi et al. 2018).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pydantic import Field
 
 from ..moments import tightness_study
 from ..sites import PureModel
-from ._base import AnalysisKind, Context, WithLevels, check_moments_model
+from ._base import AnalysisKind, Context, WithLevels, check_moments_model, summary_row
 from ._report import num, save_figure
 
 __all__ = ["MomentsTightness", "KIND"]
@@ -97,10 +97,11 @@ def markdown(analysis: dict, figs: list[str]) -> str:
 
 
 def summary(analysis: dict) -> list[str]:
-    return [f"{analysis['name']:<18.18} {'input (SRE)':<18} {r['level']:>6g} "
-            f"{'mean':>10} {num(r.get('sre_mean'), '{:.3g}'):>10} "
-            f"{'var':>10} {num(r.get('sre_var'), '{:.3g}'):>9}"
+    return [summary_row(analysis["name"], "input", f"{r['level']:g}",
+                        num(r.get("sre_mean"), "{:.3g}"), num(r.get("sre_var"), "{:.3g}"),
+                        num(r.get("sre_var_zero_mean"), "{:.3g}"))
             for r in sorted(analysis["records"], key=lambda r: r["level"])]
 
 
-KIND = AnalysisKind(MomentsTightness, run, figures, markdown, summary)
+KIND = AnalysisKind(MomentsTightness, run, figures, markdown, summary,
+                    ("site", "σ", "SRE mean", "SRE var", "zero-mean"))

@@ -21,7 +21,15 @@ from tqdm.auto import tqdm
 from ..estimators import ESTIMATORS, profile
 from ..schema import ConfigError, NoiseConfig, one_of
 from ..sites import INPUT, PureModel, split
-from ._base import AnalysisKind, Context, WithLevels, WithMoments, a_kind, check_moments_model
+from ._base import (
+    AnalysisKind,
+    Context,
+    WithLevels,
+    WithMoments,
+    a_kind,
+    check_moments_model,
+    summary_row,
+)
 from ._report import by_site_level, num, save_figure, sites_in_order
 
 __all__ = ["ActivationNoise", "WeightNoise", "InputNoise", "KINDS"]
@@ -97,7 +105,7 @@ class _NoiseAnalysis(WithLevels, WithMoments):
 
 
 class ActivationNoise(_NoiseAnalysis):
-    """Noise in hidden activations (question 1 of DESIGN §1)."""
+    """Noise in hidden activations (a hidden layer's value perturbed)."""
 
     kind: Literal["activation_noise"]
 
@@ -307,11 +315,9 @@ def summary(analysis: dict) -> list[str]:
     for s in sites_in_order(recs):
         row = table.get((s, lv), {})
         smp, lin, bnd = row.get("sampled"), row.get("linearized"), row.get("bound")
-        out.append(
-            f"{analysis['name']:<18.18} {s:<18.18} {lv:>6g} {num(smp and smp['mean']):>10} "
-            f"{num(lin and lin['mean']):>10} {num(bnd and bnd['upper']):>10} "
-            f"{num(smp and smp.get('accuracy'), '{:.3f}'):>9}"
-        )
+        out.append(summary_row(analysis["name"], s, f"{lv:g}", num(smp and smp["mean"]),
+                               num(lin and lin["mean"]), num(bnd and bnd["upper"]),
+                               num(smp and smp.get("accuracy"), "{:.3f}")))
     return out
 
 

@@ -17,7 +17,14 @@ from pydantic import Field
 from ..moments import sensitivity_map
 from ..plotting import as_picture, sensitivity_map_figure
 from ..sites import PureModel
-from ._base import AnalysisKind, Context, WithLevels, WithMoments, check_moments_model
+from ._base import (
+    AnalysisKind,
+    Context,
+    WithLevels,
+    WithMoments,
+    check_moments_model,
+    summary_row,
+)
 from ._report import num, save_figure
 
 __all__ = ["SensitivityMap", "KIND"]
@@ -95,9 +102,10 @@ def markdown(analysis: dict, figs: list[str]) -> str:
 
 
 def summary(analysis: dict) -> list[str]:
-    return [f"{analysis['name']:<18.18} {'map ex ' + str(r['example']):<18} "
-            f"{r['level']:>6g} {'total var':>10} {num(r['total']):>10}"
+    return [summary_row(analysis["name"], f"example {r['example']}", f"{r['level']:g}",
+                        num(r["total"]), num(r.get("top10_fraction"), "{:.2f}"))
             for r in analysis["records"]]
 
 
-KIND = AnalysisKind(SensitivityMap, run, figures, markdown, summary)
+KIND = AnalysisKind(SensitivityMap, run, figures, markdown, summary,
+                    ("example", "σ", "total var", "top-10%"))

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from ..linalg import spectral_norm_bound
 from ..noise import linf_operator_norm
 from ..sites import split
-from ._base import AnalysisConfig, AnalysisKind, Context
+from ._base import AnalysisConfig, AnalysisKind, Context, summary_row
 from ._report import num, save_figure
 
 __all__ = ["WeightNorms", "KIND"]
@@ -87,9 +87,10 @@ def markdown(analysis: dict, figs: list[str]) -> str:
 
 
 def summary(analysis: dict) -> list[str]:
-    return [f"{analysis['name']:<18.18} {r['site']:<18.18} {'':>6} {'‖W‖₂ ≤':>10} "
-            f"{num(r['spectral']):>10} {'‖W‖_∞':>10} {num(r['linf_operator']):>9}"
+    return [summary_row(analysis["name"], r["site"], "", num(r["frobenius"]),
+                        num(r["spectral"]), num(r["linf_operator"]))
             for r in analysis["records"]]
 
 
-KIND = AnalysisKind(WeightNorms, run, figures, markdown, summary)
+KIND = AnalysisKind(WeightNorms, run, figures, markdown, summary,
+                    ("weight", "", "‖W‖_F", "‖W‖₂ ≤", "‖W‖_∞"))

@@ -1,4 +1,4 @@
-"""The bound estimator: a certified Lipschitz bound on ‖ΔF‖ (DESIGN §3.3)."""
+"""The bound estimator: a certified Lipschitz bound on ‖ΔF‖."""
 
 from __future__ import annotations
 
@@ -199,7 +199,7 @@ def bound(
     key: jax.Array | None = None,
     quantiles: Sequence[float] = DEFAULT_QUANTILES,
 ) -> Deviation:
-    """Certified upper bound on ‖ΔF‖ per example (Lipschitz product, DESIGN §3.3).
+    """Certified upper bound on ‖ΔF‖ per example (a product of Lipschitz constants).
 
     Activation/input site: ‖ΔF‖ ≤ Π_{steps after the site} L_step · ‖η‖, with L a
     certified upper bound on the spectral norm of dense kernels (Gram iteration, a few

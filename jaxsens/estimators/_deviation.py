@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .. import precision as precision_lib
 
@@ -90,6 +91,23 @@ class Deviation:
     site: str = ""
     law: str = ""
     precision: str = ""
+
+    def __repr__(self) -> str:
+        """One line: the labels, then shape and batch mean of each produced quantity."""
+        labels = ", ".join(f"{k}={getattr(self, k)!r}" for k in _LABELS if getattr(self, k))
+        parts = []
+        for name in ("mean", "rms", "stderr", "upper", "factor", "flip_rate", "accuracy",
+                     "loss_change", "delta_cov"):
+            value = getattr(self, name)
+            try:
+                arr = np.asarray(value)
+            except Exception:  # noqa: BLE001 - a tracer: show its shape only
+                parts.append(f"{name}{tuple(value.shape)} traced")
+                continue
+            if np.issubdtype(arr.dtype, np.floating) and np.all(np.isnan(arr)):
+                continue  # absent
+            parts.append(f"{name}{tuple(arr.shape)} mean={np.nanmean(arr):.4g}")
+        return f"Deviation({labels}{'; ' if labels else ''}{', '.join(parts)})"
 
     def has(self, field: str) -> bool:
         """Whether ``field`` was produced (not all NaN); needs concrete values."""

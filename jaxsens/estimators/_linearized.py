@@ -151,8 +151,8 @@ def linearized(
     J C Jᵀ (Gaussian laws) or with the sphere correction √n/E‖g‖ (sphere laws);
     for spectral/ℓ∞ weight laws the mean is that of a Gaussian with the same covariance
     (``mean_exact=False``). Also the sensitivity factor ‖v‖·‖J‖_F/√n, so that under
-    relative-norm noise rms = ε · factor (DESIGN §3.2). The sweep, the eigenvalues and
-    the quadrature are one compiled call.
+    relative-norm noise rms = ε · factor: the per-site number that says which layers
+    resist. The sweep, the eigenvalues and the quadrature are one compiled call.
 
     Args:
       model: an NNX module or a ``PureModel``.

@@ -74,7 +74,7 @@ def moments(
     split_at: str | None = None,
     quantiles: Sequence[float] = DEFAULT_QUANTILES,
 ) -> Deviation:
-    """Analytic output moments under Gaussian input noise (Bibi et al., DESIGN §3.4).
+    """Analytic output moments under Gaussian input noise (Bibi et al. 2018).
 
     The input is N(x, C) with C from ``noise`` (a Gaussian law: ``Absolute``,
     ``FullCovariance``, ``RelativeNorm(reading="gaussian")`` or ``Multiplicative``). The

@@ -196,7 +196,7 @@ def profile(
     *,
     noise: noise_lib.NoiseLaw,
     levels: Sequence[float],
-    key: jax.Array,
+    key: jax.Array | None = None,
     sites: Sequence[str] | None = None,
     weight_noise: noise_lib.NoiseLaw | None = None,
     weight_sites: Sequence[str] | None = None,
@@ -223,7 +223,7 @@ def profile(
       x: inputs ``(batch, *input_shape)``.
       noise: the law for input/activation sites (its own level is ignored).
       levels: noise levels ε (or σ) to evaluate.
-      key: PRNG key of the Monte Carlo draws.
+      key: PRNG key of the Monte Carlo draws (needed only with ``"sampled"``).
       sites: input/activation sites (default: all activation sites).
       weight_noise: law for weight sites; weight sites are profiled only if given.
       weight_sites: weight paths (default with ``weight_noise``: every kernel, ndim ≥ 2).
@@ -268,6 +268,9 @@ def profile(
         num_samples, sample_chunk, qlevels = check_options(
             struct, batch, itemsize, num_samples=num_samples, chunk_size=None,
             quantiles=quantiles)
+        if key is None:
+            raise ValueError("profile with the 'sampled' estimator needs key=..., e.g. "
+                             "jax.random.key(0); the other estimators draw nothing")
         check_key(key)
     else:
         sample_chunk, qlevels = 1, tuple(float(q) for q in quantiles)

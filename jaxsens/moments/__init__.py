@@ -1,4 +1,4 @@
-"""Analytic moments of ReLU networks under Gaussian input (DESIGN section 3.4)."""
+"""Analytic moments of ReLU networks under Gaussian input (Bibi, Alfadly, Ghanem, CVPR 2018)."""
 
 from ..plotting import sensitivity_map_figure as sensitivity_map_figure
 from ._attacks import OBJECTIVES as OBJECTIVES

@@ -1,7 +1,7 @@
 """Sensitivity maps and diagonal-covariance output moments, from the analytic moments.
 
 Built on the exact Affine-ReLU-Affine moments and the two-stage linearization
-(:mod:`jaxsens.moments`, DESIGN §3.4):
+(:mod:`jaxsens.moments`, Bibi et al. 2018):
 
 * :func:`sensitivity_map` — the output variance ``tr Cov F`` when only one input pixel (or
   one block of pixels) carries Gaussian noise, for every pixel at once. For a single pixel

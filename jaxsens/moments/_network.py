@@ -1,4 +1,4 @@
-"""Moments of deep networks under Gaussian input (Bibi et al. 2018, DESIGN §3.4).
+"""Moments of deep networks under Gaussian input (Bibi et al. 2018).
 
 * Two-stage linearization: split F = f₂ ∘ relu ∘ f₁ at a ReLU site; expand f₁ and f₂ to
   first order at the clean input (A, c1 and B, c2) and apply the exact

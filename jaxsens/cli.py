@@ -16,8 +16,10 @@ import yaml
 from . import __version__
 from .config import (
     ConfigError,
+    apply_overrides,
     builtin_experiments,
     load_config,
+    parse_config,
     read_yaml,
     resolve_source,
     to_dict,
@@ -56,12 +58,35 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress output")
     rp = sub.add_parser("report", help="re-render figures and report.md from a run directory")
     rp.add_argument("run_dir", help="a finished run directory (holding results.json)")
+    a = sub.add_parser("analyse", help="run (new) analyses on a run directory's trained "
+                       "model; training is restored from its checkpoints, not repeated")
+    a.add_argument("run_dir", help="a run directory (from jaxsens run)")
+    a.add_argument("config", nargs="?", help="a YAML config or built-in experiment whose "
+                   "analyses replace the run's (default: the run's own)")
+    a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field, e.g. --set analyses.0.levels=[0.1]")
+    a.add_argument("--quiet", action="store_true", help="no progress output")
     c = sub.add_parser("config", help="print the resolved, validated config without running")
     c.add_argument("config", nargs="?", help="a YAML config or a built-in experiment name")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field (repeatable)")
     sub.add_parser("list", help="list the built-in experiments")
     return p
+
+
+def _cmd_analyse(args) -> int:
+    run_dir = Path(args.run_dir)
+    cfg_file = run_dir / "config.yaml"
+    if not cfg_file.is_file():
+        raise ConfigError(f"{args.run_dir!r} is not a jaxsens run directory (no config.yaml)")
+    raw = read_yaml(cfg_file)
+    if args.config is not None:
+        raw["analyses"] = read_yaml(resolve_source(args.config)).get("analyses", [])
+    cfg = parse_config(apply_overrides(raw, args.overrides), str(cfg_file))
+    res = run_experiment(cfg, run_dir, quiet=args.quiet)
+    print(res["summary"])
+    print(f"\nresults: {res['run_dir']}/results.json  report: {res['run_dir']}/report.md")
+    return 0
 
 
 def _cmd_config(args) -> int:
@@ -129,7 +154,7 @@ def _cmd_list(args) -> int:
 
 
 _COMMANDS = {"run": _cmd_run, "sweep": _cmd_sweep, "report": _cmd_report,
-             "config": _cmd_config, "list": _cmd_list}
+             "analyse": _cmd_analyse, "config": _cmd_config, "list": _cmd_list}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = _parser().parse_args(argv)
     try:
-        if args.command in ("run", "sweep", "config") and args.config is not None:
+        if args.command in ("run", "sweep", "analyse", "config") and args.config is not None:
             resolve_source(args.config)
         return _COMMANDS[args.command](args)
     except ConfigError as err:

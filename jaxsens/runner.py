@@ -12,7 +12,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,12 +26,14 @@ from . import models
 from . import precision as precision_lib
 from . import train as train_lib
 from .analyses import KINDS, Context
-from .config import ConfigError, ExperimentConfig, to_dict
+from .config import ConfigError, ExperimentConfig, parse_config, to_dict
 from .io import atomic_write_text, write_csv, write_json, write_yaml
 from .report import render_report
 from .sites import split
 
-__all__ = ["run_experiment", "prepare_data", "build_model", "RunResult"]
+__all__ = [
+    "load_run",
+    "LoadedRun","run_experiment", "prepare_data", "build_model", "RunResult"]
 
 
 class RunResult(dict):
@@ -132,6 +134,11 @@ def _loss_terms(cfg: ExperimentConfig):
     return terms
 
 
+# What a run directory's trained model depends on: a config that changes only the other
+# sections (analyses, output, name, description) reuses the model and its checkpoints.
+_MODEL_SECTIONS = ("seed", "precision", "data", "model", "train")
+
+
 def _check_run_dir(run_dir: Path, resolved: dict) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run directory {str(run_dir)!r} is a file; choose a directory "
@@ -143,13 +150,12 @@ def _check_run_dir(run_dir: Path, resolved: dict) -> None:
     cfg_file = run_dir / "config.yaml"
     if cfg_file.exists():
         old = yaml.safe_load(cfg_file.read_text()) or {}
-        strip = {k: v for k, v in resolved.items() if k != "output"}
-        old = {k: v for k, v in old.items() if k != "output"}
-        if old != strip:
-            diff = sorted(k for k in set(old) | set(strip) if old.get(k) != strip.get(k))
+        diff = [k for k in _MODEL_SECTIONS if old.get(k) != resolved.get(k)]
+        if diff:
             raise ConfigError(
                 f"run directory {str(run_dir)!r} holds a run of a different config (sections "
-                f"{diff} differ); choose another --out or delete that directory"
+                f"{diff} differ, which the trained model depends on); choose another --out "
+                "or delete that directory"
             )
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"run directory {str(run_dir)!r} exists and is not a jaxsens run; "
@@ -204,6 +210,53 @@ def validate_against_model(cfg: ExperimentConfig, model: nnx.Module, ds) -> None
             raise ConfigError(f"config error at train.loss[{i}]: {err}") from None
 
 
+class LoadedRun(NamedTuple):
+    """A run directory's trained model, with its config and data (:func:`load_run`).
+
+    Attributes:
+      model: the trained Flax module (the last checkpoint), in training mode as saved.
+      config: the run's resolved config.
+      data: its dataset, prepared (subsampled, normalized) as the run used it.
+    """
+
+    model: nnx.Module
+    config: ExperimentConfig
+    data: data_lib.Dataset
+
+
+def load_run(run_dir: str | Path) -> LoadedRun:
+    """Load the trained model of a run directory written by :func:`run_experiment`.
+
+    The model is rebuilt from the run's ``config.yaml`` and its parameters and state are
+    read from the newest checkpoint. A ``precision: float64`` run gives float64 arrays:
+    use them inside ``jax.enable_x64(True)``.
+
+    Args:
+      run_dir: the run directory.
+
+    Returns:
+      A :class:`LoadedRun` ``(model, config, data)``.
+
+    Raises:
+      ConfigError: not a run directory, or a run with training but no checkpoint yet.
+    """
+    run_dir = Path(run_dir)
+    cfg_file = run_dir / "config.yaml"
+    if not cfg_file.is_file():
+        raise ConfigError(f"{str(run_dir)!r} is not a jaxsens run directory (no config.yaml)")
+    cfg = parse_config(yaml.safe_load(cfg_file.read_text()), str(cfg_file))
+    with jax.enable_x64(cfg.precision == "float64"):
+        ds, _ = prepare_data(cfg)
+        model = build_model(cfg, ds)
+        if cfg.train.epochs > 0:
+            checkpoints = run_dir / "checkpoints"
+            if train_lib.latest_epoch(checkpoints) is None:
+                raise ConfigError(f"run directory {str(run_dir)!r} has no checkpoint yet; run "
+                                  "it (jaxsens run) before loading it")
+            model = train_lib.load_checkpoint(checkpoints, model).model
+    return LoadedRun(model, cfg, ds)
+
+
 def run_experiment(cfg: ExperimentConfig, run_dir: str | Path | None = None, *,
                    quiet: bool = False) -> RunResult:
     """Run a validated experiment into ``run_dir`` (resuming whatever is already there).
@@ -244,6 +297,11 @@ def _run(cfg: ExperimentConfig, run_dir, quiet: bool) -> RunResult:
     model = build_model(cfg, ds)
     loss_terms = _loss_terms(cfg)
     validate_against_model(cfg, model, ds)  # nothing is written before this passes
+    if not cfg.analyses:
+        raise ConfigError(f"config error at analyses: the config has no analyses, so a run "
+                          f"would compute nothing; add one (kinds: {', '.join(KINDS)})")
+    if cfg.train.epochs == 0:
+        _log("train.epochs is 0: analysing the untrained (initialized) model", quiet)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_yaml(run_dir / "config.yaml", resolved)
     write_json(run_dir / "normalization.json", norm_stats)
@@ -257,8 +315,15 @@ def _run(cfg: ExperimentConfig, run_dir, quiet: bool) -> RunResult:
             schedule_kwargs=dict(tc.schedule.options), total_steps=tc.epochs * steps_per_epoch,
             clip_norm=tc.optimizer.clip_norm, **dict(tc.optimizer.options),
         )
-        _log(f"training {cfg.model.kind} on {cfg.data.name} ({ds.n_train} examples, "
-             f"{tc.epochs} epochs)", quiet)
+        done = train_lib.latest_epoch(run_dir / "checkpoints")
+        if done is not None and done >= tc.epochs:
+            _log(f"trained: restoring the model of epoch {done} from {run_dir / 'checkpoints'}",
+                 quiet)
+        elif done is not None:
+            _log(f"resuming training from epoch {done} of {tc.epochs}", quiet)
+        else:
+            _log(f"training {cfg.model.kind} on {cfg.data.name} ({ds.n_train} examples, "
+                 f"{tc.epochs} epochs)", quiet)
         result = train_lib.train(
             model, ds, optimizer=opt, loss_terms=loss_terms, epochs=tc.epochs,
             batch_size=tc.batch_size, key=jax.random.fold_in(jax.random.key(cfg.seed), 2),

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
+import jaxsens as js
 from jaxsens import cli, runner
 from jaxsens.config import ConfigError, load_config, parse_config
 
@@ -328,3 +330,43 @@ def test_cli_config_version_and_bad_paths(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("jaxsens: error: run directory") and "\n" not in err, err
     assert blocker.read_text() == "x"  # nothing written over it
+
+
+def test_train_once_analyse_many(finished_run, tmp_path, capsys):
+    """New analyses on a finished run reuse its trained model: nothing is retrained, the
+    metrics stay as they were, results.json holds the new analyses; load_run gives the
+    trained model back in one call."""
+    import shutil
+
+    from jaxsens.runner import load_run
+
+    _, out = finished_run
+    run = tmp_path / "copy"
+    shutil.copytree(out, run)
+    metrics = (run / "metrics.jsonl").read_bytes()
+    new = _write(tmp_path, {"analyses": [{"kind": "weight_norms", "name": "norms"}]},
+                 "new.yaml")
+    assert cli.main(["analyse", str(run), str(new)]) == 0
+    err = capsys.readouterr().err
+    assert "trained: restoring the model of epoch 3" in err and "training mlp" not in err
+    assert (run / "metrics.jsonl").read_bytes() == metrics
+    res = json.loads((run / "results.json").read_text())
+    assert [a["kind"] for a in res["analyses"]] == ["weight_norms"]
+    loaded = load_run(run)
+    pm = js.split(loaded.model)
+    w = np.asarray(pm.param("layers/1/kernel"), np.float64)
+    rec = next(r for r in res["analyses"][0]["records"] if r["site"] == "layers/1/kernel")
+    assert rec["frobenius"] == pytest.approx(np.linalg.norm(w), rel=1e-6)
+    assert loaded.config.train.epochs == 3 and loaded.data.n_test == 100
+    # Changing what the model depends on is still refused.
+    assert cli.main(["analyse", str(run), "--set", "train.epochs=4", "--quiet"]) == 2
+    assert "different config" in capsys.readouterr().err
+
+
+def test_a_config_without_analyses_is_refused(tmp_path, capsys):
+    cfg = json.loads(json.dumps(TINY))
+    cfg["analyses"] = []
+    assert cli.main(["run", str(_write(tmp_path, cfg)), "--out", str(tmp_path / "r"),
+                     "--quiet"]) == 2
+    assert "has no analyses" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

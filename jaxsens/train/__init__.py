@@ -22,6 +22,7 @@ re-exported here.
 """
 
 from ._checkpoints import Checkpoint as Checkpoint
+from ._checkpoints import latest_epoch as latest_epoch
 from ._checkpoints import load_checkpoint as load_checkpoint
 from ._loop import TIME_KEYS as TIME_KEYS
 from ._loop import TrainingDiverged as TrainingDiverged
@@ -47,4 +48,5 @@ __all__ = [
     "make_eval_fn",
     "train",
     "load_checkpoint",
+    "latest_epoch",
 ]

@@ -23,6 +23,7 @@ from ..sites import Structure, split
 __all__ = [
     "Checkpoint",
     "load_checkpoint",
+    "latest_epoch",
 ]
 
 # The package's logger (the name it had before the loop and the checkpoints were split).
@@ -229,6 +230,26 @@ def _check_signature(directory: Path, saved: Mapping, current: Mapping) -> None:
                 f"({saved.get(field)!r} != {value!r}); resume with the same settings or use a "
                 "new directory"
             )
+
+
+def latest_epoch(checkpoint_dir: Path | str) -> int | None:
+    """The newest epoch saved in ``checkpoint_dir``, without reading any array.
+
+    Args:
+      checkpoint_dir: a directory given to :func:`train`.
+
+    Returns:
+      The largest saved epoch, or ``None`` if the directory holds no checkpoint.
+    """
+    directory = Path(checkpoint_dir)
+    if not directory.is_dir():
+        return None
+    mgr = _manager(directory, create=False)
+    try:
+        steps = list(mgr.all_steps())
+    finally:
+        mgr.close()
+    return max(steps) if steps else None
 
 
 def load_checkpoint(

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 from pathlib import Path
 
+import jax
 import yaml
 
 from . import __version__
@@ -28,7 +30,7 @@ from .report import render_report
 from .runner import run_experiment
 from .train import TrainingDiverged
 
-__all__ = ["main"]
+__all__ = ["main", "compilation_cache_dir", "enable_compilation_cache"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,7 +39,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Differentiable sensitivity experiments: sampled, predicted and bounded "
         "output deviations of neural networks under noise.",
         epilog="--set takes dotted paths into the YAML config; list entries by index, e.g. "
-        "--set analyses.0.levels=[0.05,0.1] --set train.epochs=3.",
+        "--set analyses.0.levels=[0.05,0.1] --set train.epochs=3. Compiled programs are "
+        "cached in ~/.cache/jaxsens/xla (JAX's persistent compilation cache); set "
+        "JAXSENS_COMPILE_CACHE to another directory, or to 'off'.",
     )
     p.add_argument("--version", action="version", version=f"jaxsens {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -93,6 +97,43 @@ def _cmd_config(args) -> int:
     cfg = load_config(args.config, args.overrides)
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), end="")
     return 0
+
+
+def compilation_cache_dir() -> Path | None:
+    """Where compiled XLA programs persist between runs, or ``None`` if switched off.
+
+    ``JAXSENS_COMPILE_CACHE`` names the directory, or ``off``; by default it is
+    ``$XDG_CACHE_HOME/jaxsens/xla`` (``~/.cache/jaxsens/xla``). Read when a command runs,
+    never at import.
+
+    Returns:
+      The directory, or ``None``.
+    """
+    setting = os.environ.get("JAXSENS_COMPILE_CACHE", "")
+    if setting.lower() in ("off", "0", "false", "no"):
+        return None
+    if setting:
+        return Path(setting).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "jaxsens" / "xla"
+
+
+def enable_compilation_cache() -> Path | None:
+    """Turn on JAX's persistent compilation cache in :func:`compilation_cache_dir`.
+
+    A second ``jaxsens run`` in a new process then loads the compiled programs instead of
+    compiling them again (every program that took over 0.2 s to compile is kept).
+
+    Returns:
+      The cache directory, or ``None`` when switched off.
+    """
+    path = compilation_cache_dir()
+    if path is None:
+        return None
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    return path
 
 
 def _cmd_run(args) -> int:
@@ -180,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("run", "sweep", "analyse", "config") and args.config is not None:
             resolve_source(args.config)
+        if args.command in ("run", "sweep", "analyse"):
+            enable_compilation_cache()
         return _COMMANDS[args.command](args)
     except ConfigError as err:
         print(f"jaxsens: error: {err}", file=sys.stderr)

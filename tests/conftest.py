@@ -25,6 +25,9 @@ import jaxsens as js
 # XLA_FLAGS win.
 os.environ.setdefault(
     "XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+# The CLI's persistent compilation cache stays off in tests (no writes to the home
+# directory); test_compile_cache.py turns it on in subprocesses of its own.
+os.environ["JAXSENS_COMPILE_CACHE"] = "off"
 
 
 @pytest.fixture

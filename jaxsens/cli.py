@@ -51,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.epochs=3 (repeatable)")
     r.add_argument("--quiet", action="store_true", help="no progress output")
+    _device_option(r)
     s = sub.add_parser("sweep", help="run one experiment per point of a parameter grid")
     s.add_argument("config", help="a YAML config or a built-in experiment name")
     s.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
@@ -60,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field for every point, e.g. --set train.epochs=3")
     s.add_argument("--quiet", action="store_true", help="no progress output")
+    _device_option(s)
     rp = sub.add_parser("report", help="re-render figures and report.md from a run directory")
     rp.add_argument("run_dir", help="a finished run directory (holding results.json)")
     a = sub.add_parser("analyse", help="run (new) analyses on a run directory's trained "
@@ -70,12 +72,37 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, e.g. --set analyses.0.levels=[0.1]")
     a.add_argument("--quiet", action="store_true", help="no progress output")
+    _device_option(a)
     c = sub.add_parser("config", help="print the resolved, validated config without running")
     c.add_argument("config", nargs="?", help="a YAML config or a built-in experiment name")
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field (repeatable)")
     sub.add_parser("list", help="list the built-in experiments")
     return p
+
+
+_PLATFORMS = {"cpu": "cpu", "gpu": "cuda", "tpu": "tpu"}
+
+
+def _device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=sorted(_PLATFORMS),
+                        help="run on this kind of device (default: the best JAX finds)")
+
+
+def _select_device(choice: str | None) -> None:
+    """Point JAX at ``choice`` (before any computation) and check a device is there."""
+    if choice is not None:
+        jax.config.update("jax_platforms", _PLATFORMS[choice])
+    try:
+        devices = jax.devices()
+    except (RuntimeError, AssertionError) as err:  # jax asserts when JAX_PLATFORMS fails
+        what = f"--device {choice}" if choice else "the JAX_PLATFORMS setting"
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else (
+            "JAX could not start that backend")
+        raise ConfigError(f"{what}: no such device is available to JAX here ({detail}); "
+                          "choose another --device or leave it out") from None
+    if choice is not None and devices[0].platform not in (_PLATFORMS[choice], choice):
+        raise ConfigError(f"--device {choice}: JAX runs on {devices[0].platform} here")
 
 
 def _cmd_analyse(args) -> int:
@@ -222,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("run", "sweep", "analyse", "config") and args.config is not None:
             resolve_source(args.config)
         if args.command in ("run", "sweep", "analyse"):
+            _select_device(args.device)
             enable_compilation_cache()
         return _COMMANDS[args.command](args)
     except ConfigError as err:

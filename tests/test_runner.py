@@ -370,3 +370,20 @@ def test_a_config_without_analyses_is_refused(tmp_path, capsys):
                      "--quiet"]) == 2
     assert "has no analyses" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_missing_device_fails_in_one_line(tmp_path):
+    """--device names a device kind; one that JAX cannot start fails before any work."""
+    import os
+    import subprocess
+    import sys
+
+    path = _write(tmp_path, TINY)
+    env = dict(os.environ, JAXSENS_COMPILE_CACHE="off")
+    proc = subprocess.run([sys.executable, "-m", "jaxsens", "run", str(path), "--device",
+                           "tpu", "--out", str(tmp_path / "r"), "--quiet"], env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and "\n" not in err, err
+    assert err.startswith("jaxsens: error: --device tpu: no such device"), err
+    assert not (tmp_path / "r").exists()

@@ -124,8 +124,16 @@ class AnalysisKind:
 
 
 def summary_row(name: str, *cells: str) -> str:
-    """One line of the terminal summary: the analysis name, then the cells (widths 18, 6,
-    10, 10, 10, 9: the first cell names a site or an example)."""
+    """One line of the terminal summary table.
+
+    Args:
+      name: the analysis name (or ``"analysis"`` for a header line).
+      *cells: the cells; widths 18, 6, 10, 10, 10 and 9 characters, the first (a site
+        or an example) left-aligned, the others right-aligned.
+
+    Returns:
+      The line.
+    """
     widths = (18, 6, 10, 10, 10, 9)
     out = f"{name:<18.18}"
     for i, (cell, width) in enumerate(zip(cells, widths, strict=False)):

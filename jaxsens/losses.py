@@ -36,6 +36,7 @@ from jaxtyping import Array, Float, Int
 from . import montecarlo
 from . import noise as noise_lib
 from .chain import param
+from .checks import positive_int
 from .estimators import sandwiches
 from .moments import METHODS, noisy_cross_entropy, split_sites
 from .sites import INPUT, PureModel, Structure
@@ -83,11 +84,6 @@ def _check_site_law(struct: Structure, site: str, law: noise_lib.NoiseLaw):
             f"applies to {', '.join(law.applies_to)} sites"
         )
     return info
-
-
-def _check_int(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def _check_law(owner: str, law) -> None:
@@ -188,7 +184,7 @@ class NoiseLoss(LossTerm):
         if not isinstance(self.site, str):
             raise ValueError(f"NoiseLoss site must be a site name, got {self.site!r}")
         _check_law("NoiseLoss", self.noise)
-        _check_int("NoiseLoss num_samples", self.num_samples)
+        positive_int("NoiseLoss num_samples", self.num_samples)
         if self.target not in ("output", "ce"):
             raise ValueError(f"NoiseLoss target must be 'output' or 'ce', got {self.target!r}")
 
@@ -263,7 +259,7 @@ class JacobianPenalty(LossTerm):
     def __post_init__(self):
         if not isinstance(self.site, str):
             raise ValueError(f"JacobianPenalty site must be a site name, got {self.site!r}")
-        _check_int("JacobianPenalty num_projections", self.num_projections)
+        positive_int("JacobianPenalty num_projections", self.num_projections)
 
     def check(self, struct):
         struct.site(self.site)

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .checks import safe_norm as _norm
 from .linalg import spectral_norm_bound
 from .precision import exact
 
@@ -117,13 +118,6 @@ def _fmt(level) -> str:
 
 def _sq_norm(v: jax.Array) -> jax.Array:
     return jnp.sum(jnp.square(v))
-
-
-def _norm(v: jax.Array) -> jax.Array:
-    """‖v‖₂ with a finite gradient (zero) at v = 0, e.g. a dead ReLU layer."""
-    sq = _sq_norm(v)
-    safe = jnp.where(sq > 0, sq, 1.0)
-    return jnp.where(sq > 0, jnp.sqrt(safe), 0.0)
 
 
 def _matrix(value: jax.Array) -> jax.Array:

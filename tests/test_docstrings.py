@@ -27,6 +27,7 @@ MODULES = (
     "jaxsens.quadrature",
     "jaxsens.montecarlo",
     "jaxsens.chain",
+    "jaxsens.checks",
     "jaxsens.precision",
     "jaxsens.plotting",
     "jaxsens.config",

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import noise as noise_lib
+from ..checks import positive_int as check_positive_int
+from ..checks import safe_norm as safe_norm
 from ..sites import Adapter, SiteInfo, Structure, adapt
 
 __all__ = [
@@ -39,13 +41,6 @@ class Prepared(NamedTuple):
     @property
     def structure(self) -> Structure:
         return self.adapter.structure
-
-
-def check_positive_int(name: str, value, minimum: int = 1) -> int:
-    """``value`` as an int ``>= minimum``; a one-line ValueError otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def check_key(key) -> None:
@@ -138,13 +133,6 @@ def check_labels(labels, batch: int):
             f"{tuple(labels.shape)}"
         )
     return labels
-
-
-def safe_norm(v: jax.Array, axis) -> jax.Array:
-    """‖v‖₂ along ``axis`` with a finite (zero) gradient at v = 0."""
-    sq = jnp.sum(jnp.square(v), axis=axis)
-    safe = jnp.where(sq > 0, sq, 1.0)
-    return jnp.where(sq > 0, jnp.sqrt(safe), 0.0)
 
 
 @functools.cache

@@ -21,6 +21,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from .. import data as data_lib
+from ..checks import positive_int
 from ..losses import CrossEntropy, LossTerm, normalize_terms, term_names, total_loss
 from ..sites import PureModel, Structure, inference_structure, split
 from ._checkpoints import (
@@ -194,12 +195,6 @@ def _device_data(struct: Structure, x: np.ndarray, y: np.ndarray, dtype, part: s
     return jnp.asarray(x, dtype), jnp.asarray(y, jnp.int32)
 
 
-def _check_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _diverged(epoch: int, step: int, loss: float, grad_norm: float, directory) -> TrainingDiverged:
     what = (f"loss = {loss}" if not math.isfinite(loss)
             else f"gradient norm = {grad_norm} (loss = {loss})")
@@ -320,10 +315,10 @@ def train(
     """
     terms = normalize_terms([(1.0, CrossEntropy())] if loss_terms is None else loss_terms)
     names = term_names(terms)
-    epochs = _check_int("epochs", epochs, 0)
-    batch_size = _check_int("batch_size", batch_size)
-    checkpoint_every = _check_int("checkpoint_every", checkpoint_every)
-    eval_batch_size = _check_int("eval_batch_size", eval_batch_size)
+    epochs = positive_int("epochs", epochs, 0)
+    batch_size = positive_int("batch_size", batch_size)
+    checkpoint_every = positive_int("checkpoint_every", checkpoint_every)
+    eval_batch_size = positive_int("eval_batch_size", eval_batch_size)
     key = _prepare_key(key)
     if not isinstance(data, data_lib.Dataset):
         raise ValueError(f"data must be a jaxsens.data.Dataset, got {type(data).__name__}")

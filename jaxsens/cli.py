@@ -48,20 +48,14 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run an experiment (default: noise_propagation)")
     r.add_argument("config", nargs="?", help="a YAML config or a built-in experiment name")
     r.add_argument("--out", help="run directory (default: output.dir or runs/NAME)")
-    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set train.epochs=3 (repeatable)")
-    r.add_argument("--quiet", action="store_true", help="no progress output")
-    _device_option(r)
+    _compute_options(r, "override a config field, e.g. --set train.epochs=3 (repeatable)")
     s = sub.add_parser("sweep", help="run one experiment per point of a parameter grid")
     s.add_argument("config", help="a YAML config or a built-in experiment name")
     s.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                    required=True, help="a swept field and its values (repeatable)")
     s.add_argument("--out", help="parent directory of the run directories "
                    "(default: runs/NAME-sweep)")
-    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field for every point, e.g. --set train.epochs=3")
-    s.add_argument("--quiet", action="store_true", help="no progress output")
-    _device_option(s)
+    _compute_options(s, "override a field for every point, e.g. --set train.epochs=3")
     rp = sub.add_parser("report", help="re-render figures and report.md from a run directory")
     rp.add_argument("run_dir", help="a finished run directory (holding results.json)")
     a = sub.add_parser("analyse", help="run (new) analyses on a run directory's trained "
@@ -69,14 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("run_dir", help="a run directory (from jaxsens run)")
     a.add_argument("config", nargs="?", help="a YAML config or built-in experiment whose "
                    "analyses replace the run's (default: the run's own)")
-    a.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field, e.g. --set analyses.0.levels=[0.1]")
-    a.add_argument("--quiet", action="store_true", help="no progress output")
-    _device_option(a)
+    _compute_options(a, "override a field, e.g. --set analyses.0.levels=[0.1]")
     c = sub.add_parser("config", help="print the resolved, validated config without running")
     c.add_argument("config", nargs="?", help="a YAML config or a built-in experiment name")
-    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field (repeatable)")
+    _set_option(c, "override a config field (repeatable)")
     sub.add_parser("list", help="list the built-in experiments")
     return p
 
@@ -84,7 +74,15 @@ def _parser() -> argparse.ArgumentParser:
 _PLATFORMS = {"cpu": "cpu", "gpu": "cuda", "tpu": "tpu"}
 
 
-def _device_option(parser: argparse.ArgumentParser) -> None:
+def _set_option(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help=help_text)
+
+
+def _compute_options(parser: argparse.ArgumentParser, set_help: str) -> None:
+    """--set, --quiet and --device: the options of every command that computes."""
+    _set_option(parser, set_help)
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.add_argument("--device", choices=sorted(_PLATFORMS),
                         help="run on this kind of device (default: the best JAX finds)")
 

@@ -26,7 +26,13 @@ from .config import (
     resolve_source,
     to_dict,
 )
-from .report import render_report
+from .report import (
+    SWEEP_MANIFEST,
+    render_report,
+    render_sweep_report,
+    sweep_points,
+    write_sweep_manifest,
+)
 from .runner import run_experiment
 from .train import TrainingDiverged
 
@@ -56,8 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="parent directory of the run directories "
                    "(default: runs/NAME-sweep)")
     _compute_options(s, "override a field for every point, e.g. --set train.epochs=3")
-    rp = sub.add_parser("report", help="re-render figures and report.md from a run directory")
-    rp.add_argument("run_dir", help="a finished run directory (holding results.json)")
+    rp = sub.add_parser("report", help="re-render figures and report.md from a run directory; "
+                        "for a sweep directory, each point's and their comparison")
+    rp.add_argument("run_dir", help="a finished run directory (holding results.json) or a "
+                    "sweep directory (from jaxsens sweep)")
     a = sub.add_parser("analyse", help="run (new) analyses on a run directory's trained "
                        "model; training is restored from its checkpoints, not repeated")
     a.add_argument("run_dir", help="a run directory (from jaxsens run)")
@@ -186,29 +194,62 @@ def _cmd_sweep(args) -> int:
     # Validate every point before any work starts.
     cfgs = [load_config(args.config, [*args.overrides, *(f"{k}={v}" for k, v in pt)])
             for pt in points]
-    for pt, cfg in zip(points, cfgs, strict=True):
-        name = "__".join(f"{_slug(k)}={_slug(v)}" for k, v in pt)
-        run_dir = parent / name
-        if (run_dir / "results.json").exists() and (run_dir / "report.md").exists():
-            print(f"[skip] {name}: finished", file=sys.stderr)
-            continue
-        print(f"[run] {name}", file=sys.stderr)
-        res = run_experiment(cfg, run_dir, quiet=args.quiet)
-        print(f"== {name}\n{res['summary']}\n")
-    print(f"sweep: {len(points)} points under {parent}")
+    names = ["__".join(f"{_slug(k)}={_slug(v)}" for k, v in pt) for pt in points]
+    for above in (parent, *parent.parents):
+        if above.exists() and not above.is_dir():
+            raise ConfigError(f"sweep directory {str(parent)!r}: {str(above)!r} is a file; "
+                              "choose another --out")
+    try:
+        write_sweep_manifest(parent, [(n, dict(pt)) for n, pt in zip(names, points, strict=True)],
+                             config=args.config, overrides=args.overrides)
+    except ValueError as err:
+        raise ConfigError(f"{err}; choose another --out or delete that file") from None
+    try:
+        for name, cfg in zip(names, cfgs, strict=True):
+            run_dir = parent / name
+            if (run_dir / "results.json").exists() and (run_dir / "report.md").exists():
+                print(f"[skip] {name}: finished", file=sys.stderr)
+                continue
+            print(f"[run] {name}", file=sys.stderr)
+            res = run_experiment(cfg, run_dir, quiet=args.quiet)
+            print(f"== {name}\n{res['summary']}\n")
+    except (ConfigError, TrainingDiverged):
+        render_sweep_report(parent)  # the finished points side by side, this one missing
+        raise
+    print(render_sweep_report(parent))
+    print(f"\nsweep: {len(points)} points under {parent}  comparison: "
+          f"{parent / 'comparison.md'}")
     return 0
 
 
-def _cmd_report(args) -> int:
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "results.json").is_file():
-        raise ConfigError(f"{args.run_dir!r} is not a finished jaxsens run (no results.json)")
+def _render_run(run_dir: Path) -> str:
+    """render_report as the run's config asks (figures, report.md); its summary."""
     cfg_file = run_dir / "config.yaml"
     figures = report = True
     if cfg_file.is_file():
         out = (read_yaml(cfg_file).get("output") or {})
         figures, report = out.get("figures", True), out.get("report", True)
-    print(render_report(run_dir, figures=figures, report=report))
+    return render_report(run_dir, figures=figures, report=report)
+
+
+def _cmd_report(args) -> int:
+    run_dir = Path(args.run_dir)
+    if (run_dir / "results.json").is_file():
+        print(_render_run(run_dir))
+        return 0
+    try:
+        points = sweep_points(run_dir)
+    except ValueError as err:
+        if (run_dir / SWEEP_MANIFEST).exists():
+            raise ConfigError(str(err)) from None
+        raise ConfigError(f"{args.run_dir!r} is neither a finished jaxsens run (no "
+                          f"results.json) nor a sweep directory (no {SWEEP_MANIFEST}, no run "
+                          "directories in it)") from None
+    for point in points:
+        if (point.run_dir / "results.json").is_file():
+            _render_run(point.run_dir)
+    print(render_sweep_report(run_dir))
+    print(f"\ncomparison: {run_dir / 'comparison.md'}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The README's "library in ten lines" runs as written and gives what it says."""
+"""The README's Python examples ("library in ten lines", "Training and analysis from Python")
+run as written and give what they say."""
 
 import pathlib
 import re
@@ -15,6 +16,16 @@ def _first_python_block() -> str:
     return blocks[0]
 
 
+def _python_block_under(heading: str) -> str:
+    """The first python block of the README section ``## heading``."""
+    section = README.read_text().split(f"\n## {heading}\n", 1)
+    assert len(section) == 2, f"the README has no section {heading!r}"
+    body = section[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", body, flags=re.S)
+    assert blocks, f"the README section {heading!r} has no python example"
+    return blocks[0]
+
+
 def test_readme_library_example_runs():
     namespace: dict = {}
     exec(compile(_first_python_block(), str(README), "exec"), namespace)  # noqa: S102
@@ -28,3 +39,20 @@ def test_readme_library_example_runs():
                   + 5 * np.asarray(r.stderr))
     assert np.all(np.asarray(b.upper) >= np.asarray(r.quantiles[:, -1]))
     assert table.deviation.mean.shape == (2, 3, 4, 32)
+
+
+def test_readme_training_example_runs(tmp_path, monkeypatch, capsys):
+    """Data, training, profile and a figure from Python, as the README shows them."""
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    code = _python_block_under("Training and analysis from Python")
+    exec(compile(code, str(README), "exec"), namespace)  # noqa: S102
+    printed = capsys.readouterr().out
+    assert namespace["result"].history[-1]["test_accuracy"] > 0.5
+    table = namespace["table"]
+    assert table.sites == ("h0", "h1")
+    assert table.deviation.mean.shape == (2, 4, len(table.estimators), 64)
+    for e in ("sampled", "linearized"):
+        assert bool(jnp.all(jnp.isfinite(namespace["mean"][:, :, table.estimators.index(e)])))
+    assert printed.startswith("test accuracy") and "h1: sampled" in printed
+    assert (tmp_path / "deviation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -303,7 +303,7 @@ def test_sweep_runs_each_point_once(tmp_path, capsys):
     argv = ["sweep", str(path), "--grid", "model.activation=relu,tanh", "--out",
             str(tmp_path / "sw"), "--quiet"]
     assert cli.main(argv) == 0
-    dirs = sorted(p.name for p in (tmp_path / "sw").iterdir())
+    dirs = sorted(p.name for p in (tmp_path / "sw").iterdir() if p.is_dir())
     assert dirs == ["model.activation=relu", "model.activation=tanh"]
     capsys.readouterr()
     assert cli.main(argv) == 0

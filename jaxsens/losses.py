@@ -35,10 +35,10 @@ from jaxtyping import Array, Float, Int
 
 from . import montecarlo
 from . import noise as noise_lib
-from .chain import param
 from .checks import positive_int
 from .estimators import sandwiches
-from .moments import METHODS, noisy_cross_entropy, split_sites
+from .moments import METHODS, check_method, noisy_cross_entropy
+from .paths import param
 from .sites import INPUT, PureModel, Structure
 
 __all__ = [
@@ -384,14 +384,10 @@ class ExpectedGaussianLoss(LossTerm):
                              f"{list(METHODS)}")
 
     def check(self, struct):
-        if struct.chain is None:
-            raise ValueError("ExpectedGaussianLoss needs a model with a layer_chain() (as "
-                             "jaxsens.models MLP and LeNet provide)")
-        if self.method == "two_stage":
-            allowed = split_sites(PureModel(struct, None, None))
-            if not allowed or (self.split_at is not None and self.split_at not in allowed):
-                raise ValueError(f"ExpectedGaussianLoss split_at={self.split_at!r} is not a "
-                                 f"ReLU site after a dense layer; allowed: {list(allowed)}")
+        try:
+            check_method(PureModel(struct, None, None), self.method, self.split_at)
+        except ValueError as err:
+            raise ValueError(f"ExpectedGaussianLoss: {err}") from None
 
     def __call__(self, struct, params, rest, x, y, key):
         del key

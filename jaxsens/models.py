@@ -3,16 +3,12 @@
 Every hidden output is marked with Flax's own ``self.perturb(name, h)``, so the models
 work with :mod:`jaxsens` exactly like any user module that marks its sites the same way.
 
-Besides the forward pass, the built-in models describe their layer chain
-(:meth:`MLP.layer_chain`, steps from :mod:`jaxsens.chain`): the ordered list of sites,
-linear maps, activations and pooling steps. The certified :func:`jaxsens.bound` and the
-layerwise moments walk that chain; user models can implement the same method to get
-bounds too.
+Nothing else is declared: the certified bounds and the analytic moments read these
+models, like any user model, from their traced computation (:mod:`jaxsens.graph`).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,21 +17,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
-from .chain import ActivationStep as ActivationStep
-from .chain import ChainStep as ChainStep
-from .chain import LinearStep as LinearStep
-from .chain import PoolStep as PoolStep
-from .chain import SiteStep as SiteStep
-
 __all__ = [
     "ACTIVATIONS",
     "MLP",
     "LeNet",
-    "SiteStep",
-    "LinearStep",
-    "ActivationStep",
-    "PoolStep",
-    "ChainStep",
     "mark_site",
 ]
 
@@ -122,7 +107,7 @@ class MLP(nnx.Module):
                 f"dout={dout}"
             )
         self.activation_name = activation
-        self._act, self._lip = _activation(activation)
+        self._act, _ = _activation(activation)
         self.input_shape = (int(din),)
         sizes = [int(din), *map(int, widths), int(dout)]
         extra: dict[str, Any] = {}
@@ -143,20 +128,6 @@ class MLP(nnx.Module):
         for i, layer in enumerate(self.layers[:-1]):
             x = mark_site(self, f"h{i}", self._act(layer(x)))
         return self.layers[-1](x)
-
-    def layer_chain(self) -> list[ChainStep]:
-        """The ordered chain of sites and layers (used by certified bounds)."""
-        steps: list[ChainStep] = [SiteStep("input")]
-        n = len(self.layers)
-        for i in range(n):
-            steps.append(
-                LinearStep(("layers", i, "kernel"), ("layers", i, "bias") if self.use_bias
-                           else None)
-            )
-            if i < n - 1:
-                steps.append(ActivationStep(self.activation_name, self._lip))
-                steps.append(SiteStep(f"h{i}"))
-        return steps
 
 
 class LeNet(nnx.Module):
@@ -192,7 +163,7 @@ class LeNet(nnx.Module):
                 f"input_shape must be (H, W, C) with H and W divisible by 4, got {input_shape}"
             )
         self.activation_name = activation
-        self._act, self._lip = _activation(activation)
+        self._act, _ = _activation(activation)
         self.input_shape = tuple(int(s) for s in input_shape)
         h, w, c = self.input_shape
         chans = [c, *map(int, channels)]
@@ -223,22 +194,3 @@ class LeNet(nnx.Module):
         for i, layer in enumerate(self.dense[:-1]):
             x = mark_site(self, f"h{i}", self._act(layer(x)))
         return self.dense[-1](x)
-
-    def layer_chain(self) -> list[ChainStep]:
-        """The ordered chain of sites and layers (used by certified bounds)."""
-        steps: list[ChainStep] = [SiteStep("input")]
-        # Non-overlapping 2×2 mean: |mean(a)| ≤ ‖a‖₂/2 per window, so ‖pool(x)‖ ≤ ‖x‖/2.
-        pool_lip = 1.0 / math.sqrt(4.0)
-        for i in range(len(self.convs)):
-            steps += [
-                LinearStep(("convs", i, "kernel"), ("convs", i, "bias"), "conv"),
-                ActivationStep(self.activation_name, self._lip),
-                PoolStep("avg_pool_2x2", pool_lip),
-                SiteStep(f"c{i}"),
-            ]
-        n = len(self.dense)
-        for i in range(n):
-            steps.append(LinearStep(("dense", i, "kernel"), ("dense", i, "bias")))
-            if i < n - 1:
-                steps += [ActivationStep(self.activation_name, self._lip), SiteStep(f"h{i}")]
-        return steps

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
-from .chain import ChainStep, param, path_name
+from .paths import param, path_name
 
 __all__ = [
     "INPUT",
@@ -116,21 +116,23 @@ class Structure:
       sites: ``((name, SiteInfo), ...)`` for the input, activation and weight sites.
       input_shape: per-example input shape.
       output_shape: per-example output shape.
-      chain: the module's ``layer_chain()`` (steps of :mod:`jaxsens.chain`) if it has
-        one, else ``None``.
+      state_spec: what the arrays look like: ``(params, rest_treedef, rest_avals)``
+        with ``params`` a tuple of ``(path, variable type, shape, dtype)`` in
+        ``nnx.to_flat_state`` order (the weight sites' order) and the remaining state's
+        tree definition and leaf shapes; :mod:`jaxsens.graph` traces the model from it.
     """
 
     graphdef: Any
     sites: tuple[tuple[str, SiteInfo], ...]
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
-    chain: tuple[ChainStep, ...] | None
+    state_spec: tuple[Any, ...]
 
     def __hash__(self) -> int:
         h = self.__dict__.get("_hash")
         if h is None:
             h = hash((self.graphdef, self.sites, self.input_shape, self.output_shape,
-                      self.chain))
+                      self.state_spec))
             object.__setattr__(self, "_hash", h)
         return h
 
@@ -140,8 +142,8 @@ class Structure:
         if not isinstance(other, Structure) or hash(self) != hash(other):
             return False
         return (self.graphdef, self.sites, self.input_shape, self.output_shape,
-                self.chain) == (other.graphdef, other.sites, other.input_shape,
-                                other.output_shape, other.chain)
+                self.state_spec) == (other.graphdef, other.sites, other.input_shape,
+                                     other.output_shape, other.state_spec)
 
     @property
     def site_map(self) -> dict[str, SiteInfo]:
@@ -364,13 +366,19 @@ def _discover(module: nnx.Module, x_shape: tuple[int, ...] | None) -> Structure:
         if name in sites:
             raise ValueError(f"site name {name!r} is both an activation site and a parameter")
         sites[name] = SiteInfo(name, "weight", tuple(var.shape), tuple(path))
-    chain = getattr(module, "layer_chain", None)
+    rest_leaves, rest_def = jax.tree_util.tree_flatten(rest)
+    state_spec = (
+        tuple((tuple(path), type(var), tuple(var.get_value().shape), var.get_value().dtype)
+              for path, var in nnx.to_flat_state(params)),
+        rest_def,
+        tuple(jax.ShapeDtypeStruct(leaf.shape, leaf.dtype) for leaf in rest_leaves),
+    )
     structure = Structure(
         graphdef=graphdef,
         sites=tuple(sites.items()),
         input_shape=input_shape,
         output_shape=tuple(out.shape[1:]),
-        chain=tuple(chain()) if callable(chain) else None,
+        state_spec=state_spec,
     )
     with _LOCK:
         return _STRUCTURES.setdefault(structure, structure)

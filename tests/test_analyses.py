@@ -132,11 +132,11 @@ def test_skipped_estimators_are_reported_not_dropped():
                 "estimator": "linearized", "law": "relative-norm(sphere) ε=0.1", "mean": 1.0,
                 "rms": 1.0, "factor": 10.0, "num_examples": 4, "num_samples": 0}
     skipped = {"analysis": "a", "site": "h0", "kind": "activation", "estimator": "bound",
-               "skipped": "bound needs the model's layer chain"}
+               "skipped": "no certified bound at site 'h0'"}
     entry = {"name": "a", "kind": "activation_noise", "num_examples": 4,
              "clean_accuracy": 0.9, "records": [measured, skipped]}
     text = kind.markdown(entry, [])
-    assert "Not run: bound at h0 (bound needs the model's layer chain)." in text
+    assert "Not run: bound at h0 (no certified bound at site 'h0')." in text
     assert "| h0 | 0.1 |" in text  # the measured row is still there
     assert len(kind.summary(entry)) == 1
 

@@ -26,7 +26,7 @@ MODULES = (
     "jaxsens.linalg",
     "jaxsens.quadrature",
     "jaxsens.montecarlo",
-    "jaxsens.chain",
+    "jaxsens.paths",
     "jaxsens.checks",
     "jaxsens.precision",
     "jaxsens.plotting",

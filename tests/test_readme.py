@@ -56,3 +56,19 @@ def test_readme_training_example_runs(tmp_path, monkeypatch, capsys):
         assert bool(jnp.all(jnp.isfinite(namespace["mean"][:, :, table.estimators.index(e)])))
     assert printed.startswith("test accuracy") and "h1: sampled" in printed
     assert (tmp_path / "deviation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_readme_bring_your_own_model_runs():
+    """The user-written residual CNN gets every estimator; the bound holds for the draws."""
+    namespace: dict = {}
+    exec(compile(_python_block_under("Bring your own model"), str(README), "exec"),  # noqa: S102
+         namespace)
+    js, model, x, table, b, m = (namespace[n] for n in ("js", "model", "x", "table", "b", "m"))
+    assert table.sites == ("stem", "block0", "block1")
+    for e in ("sampled", "linearized", "bound"):  # at every site (moments: input noise only)
+        assert all(row[table.estimators.index(e)] for row in table.present), e
+    assert m.delta_mean.shape == (16, 10) and m.delta_cov.shape == (16, 10, 10)
+    assert bool(jnp.all(jnp.isfinite(m.rms)))
+    s = js.sampled(model, x, site="stem", noise=namespace["eta"], key=namespace["key"],
+                   num_samples=200, quantiles=(1.0,))
+    assert np.all(np.asarray(s.quantiles[:, 0]) <= np.asarray(b.upper))

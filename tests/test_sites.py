@@ -188,10 +188,14 @@ def test_user_module_with_perturb_works_unchanged(x64, init_from_numpy):
         m = lin.delta_cov
         se_ms = np.sqrt(2.0 * np.sum(m * m, axis=(1, 2)) / n)
         np.testing.assert_array_less(np.abs(s.rms**2 - lin.rms**2), 4 * se_ms + 1e-3 * lin.rms**2)
-    # A certified bound needs the layer chain the module does not describe.
-    with pytest.raises(ValueError, match="layer_chain") as err:
-        js.bound(net, x, site="a", noise=noise.RelativeNorm(0.1))
-    assert "\n" not in str(err.value)
+    # The certified bound reads the user's network from its traced computation: it
+    # holds for every draw of the (almost surely bounded) sphere law.
+    law = noise.RelativeNorm(0.1)
+    b = js.bound(net, x, site="a", noise=law)
+    s = js.sampled(net, x, site="a", noise=law, key=jax.random.key(2), num_samples=500,
+                   quantiles=(1.0,))
+    assert bool(b.almost_sure)
+    assert np.all(np.asarray(s.quantiles[:, 0]) <= np.asarray(b.upper))
 
 
 def test_activation_sites_come_in_forward_order_not_alphabetical():

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import jax
 from pydantic import Field
 
-from ..moments import METHODS, split_sites
+from ..moments import METHODS, check_method
 from ..schema import ConfigError, Frozen, one_of
 from ..sites import PureModel
 
@@ -152,14 +152,8 @@ def check_moments_model(where: str, model: PureModel, method: str, split_at: str
     if method not in METHODS:
         raise ConfigError(f"config error at {where}.moments_method: {method!r} is not a "
                           f"moments method; choose one of {list(METHODS)}")
-    if model.structure.chain is None:
-        raise ConfigError(f"config error at {where}: the analytic moments need the model's "
-                          "layer_chain() (the built-in mlp and lenet have one)")
-    allowed = split_sites(model)
-    if not allowed:
-        raise ConfigError(f"config error at {where}: the model has no ReLU site of the form "
-                          "relu(dense(previous site)) for the analytic moments (use "
-                          "activation: relu)")
-    if split_at is not None and split_at not in allowed:
-        raise ConfigError(f"config error at {where}.split_at: {split_at!r} is not a ReLU site "
-                          f"after a dense layer; allowed: {list(allowed)}")
+    try:
+        check_method(model, method, split_at)
+    except ValueError as err:
+        field = ".split_at" if split_at is not None and "split=" in str(err) else ""
+        raise ConfigError(f"config error at {where}{field}: {err}") from None

@@ -24,6 +24,7 @@ __all__ = [
     "check_key",
     "check_labels",
     "as_input",
+    "input_dtype",
     "safe_norm",
     "memory_budget",
     "chunked_map",
@@ -119,6 +120,12 @@ def as_input(structure: Structure, x) -> jax.Array:
     if not jnp.issubdtype(x.dtype, jnp.floating):
         x = x.astype(jnp.float32)
     return x.reshape(x.shape[0], *structure.input_shape)
+
+
+def input_dtype(x) -> jnp.dtype:
+    """The floating dtype :func:`as_input` gives ``x`` (float32 for integer inputs)."""
+    dtype = jnp.dtype(x.dtype) if hasattr(x, "dtype") else jnp.asarray(x).dtype
+    return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.dtype(jnp.float32)
 
 
 def check_labels(labels, batch: int):

@@ -12,7 +12,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from .. import noise as noise_lib
-from ..chain import param
+from ..paths import param
 from ..quadrature import gaussian_norm_mean
 from ..sites import PureModel, Structure
 from ._common import (

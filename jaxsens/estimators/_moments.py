@@ -11,7 +11,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from .. import noise as noise_lib
-from ..moments import METHODS, noncentral_norm_mean, output_moments
+from ..moments import METHODS, check_method, noncentral_norm_mean, output_moments
 from ..sites import INPUT, PureModel, Structure
 from ._common import check_inputs, compiled_kernel
 from ._deviation import DEFAULT_QUANTILES, Deviation, deviation
@@ -86,7 +86,8 @@ def moments(
     (``mean_exact=False``); ``rms`` = (‖E ΔF‖² + tr Cov)^½.
 
     Args:
-      model: an NNX module or a ``PureModel`` with a layer chain.
+      model: an NNX module or a ``PureModel`` with a ReLU site (two-stage) or made of affine steps
+        and ReLUs (layerwise).
       x: inputs ``(batch, *input_shape)``.
       noise: a Gaussian law for the input.
       site: must be ``"input"`` (the moments propagate input noise).
@@ -101,6 +102,7 @@ def moments(
     del key
     check_moments(site, noise, method)
     p = check_inputs(model, x, INPUT, noise)
+    check_method(PureModel(p.structure, None, None), method, split_at)
     res = _kernel(p.adapter, p.arrays, p.x, noise, method=method, split_at=split_at,
                   qlevels=tuple(float(q) for q in quantiles))
     return res.labelled(estimator="moments", site=INPUT, law=noise.describe())

@@ -14,7 +14,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from .. import noise as noise_lib
-from ..moments import METHODS
+from ..moments import METHODS, check_method
 from ..sites import INPUT, PureModel
 from ._bound import bound_applies, check_site, lipschitz_constants
 from ._common import (
@@ -23,6 +23,7 @@ from ._common import (
     check_labels,
     check_law,
     check_positive_int,
+    input_dtype,
     prepare,
 )
 from ._deviation import DEFAULT_QUANTILES, Deviation
@@ -42,8 +43,9 @@ class Profile:
     ``(site, level, estimator)`` followed by the per-example shape (``mean``:
     ``(S, L, E, B)``, ``delta_cov``: ``(S, L, E, B, k, k)`` ...). Entries an estimator
     does not produce are NaN, as in every Deviation; ``present[s][e]`` says whether
-    estimator ``e`` applies at site ``s`` at all (the bound needs a layer chain, the
-    moments apply to Gaussian input noise only) and ``reasons[s][e]`` why not.
+    estimator ``e`` applies at site ``s`` at all (the bound needs a Lipschitz rule for
+    every operation after the site, the moments apply to Gaussian input noise only) and
+    ``reasons[s][e]`` why not.
     :meth:`to_records` turns it into flat records (batch averages) for reports, and
     :meth:`skipped` lists what could not run.
 
@@ -229,7 +231,8 @@ def profile(
       weight_sites: weight paths (default with ``weight_noise``: every kernel, ndim ≥ 2).
       estimators: names from the registry (:data:`jaxsens.estimators.ESTIMATORS`);
         "moments" (analytic Gaussian-input moments) applies to the input site with a
-        Gaussian law, "bound" to models with a layer chain.
+        Gaussian law, "bound" to sites whose path to the output has a
+        Lipschitz rule for every operation (see :mod:`jaxsens.graph`).
       num_samples: Monte Carlo draws per example.
       labels: optional labels for the loss change and accuracy.
       chunk_size: examples per step of the Jacobian sweep (memory bound).
@@ -289,6 +292,7 @@ def profile(
         check_law(struct, s, law)
         if "moments" in estimators and s == INPUT:
             check_moments(s, law, moments_method)
+            check_method(PureModel(struct, None, None), moments_method, split_at)
     names = tuple(s for s, _ in plan)
     laws = tuple(law for _, law in plan)
     chunk = chunk_size or example_chunk(struct, names, batch, itemsize)
@@ -299,7 +303,7 @@ def profile(
         split_at=split_at)
     lips = None
     if "bound" in estimators and any(bound_applies(struct, s) for s in names):
-        lips = lipschitz_constants(p.adapter, p.arrays)
+        lips = lipschitz_constants(p.adapter, p.arrays, input_dtype(p.x))
     level_array = np.asarray(levels, jax.dtypes.canonicalize_dtype(np.float64))
     results = [
         _table_kernel(p.adapter, p.arrays, p.x, laws, level_array, key, labels, lips,

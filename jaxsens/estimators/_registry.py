@@ -111,7 +111,7 @@ REGISTRY: dict[str, EstimatorSpec] = {
         EstimatorSpec("linearized", linearized, _linearized, False,
                       "exact first-order propagation: J C Jᵀ, E‖Jη‖ from one reverse sweep"),
         EstimatorSpec("bound", bound, _bound, False,
-                      "certified Lipschitz bound on ‖ΔF‖ (needs a layer chain)"),
+                      "certified Lipschitz bound on ‖ΔF‖, read from the model's graph"),
         EstimatorSpec("moments", moments, _moments, False,
                       "analytic moments under Gaussian input noise (Bibi et al. 2018)"),
     )

@@ -11,7 +11,7 @@ from jaxtyping import Array, Float, Int
 
 from .. import montecarlo
 from .. import noise as noise_lib
-from ..chain import param
+from ..paths import param
 from ..sites import PureModel, Structure
 from ._common import (
     check_inputs,

@@ -22,9 +22,12 @@ from ._maps import diagonal_output_moments as diagonal_output_moments
 from ._maps import sensitivity_map as sensitivity_map
 from ._network import METHODS as METHODS
 from ._network import TwoStage as TwoStage
+from ._network import bypass_terms as bypass_terms
+from ._network import check_method as check_method
 from ._network import layerwise_moments as layerwise_moments
 from ._network import noncentral_norm_mean as noncentral_norm_mean
 from ._network import output_moments as output_moments
+from ._network import propagate_graph as propagate_graph
 from ._network import split_sites as split_sites
 from ._network import two_stage_linearization as two_stage_linearization
 from ._network import two_stage_moments as two_stage_moments

@@ -227,7 +227,8 @@ def gaussian_noise_attack(
     either way for one hidden layer); otherwise at ``x1``, as in ``output_moments``.
 
     Args:
-      model: an NNX module or ``PureModel`` with a layer chain.
+      model: an NNX module or ``PureModel`` with a ReLU site (two-stage) or made of affine steps
+        and ReLUs (layerwise).
       x1: one clean input (no batch axis).
       y: its true label.
       budget: bound on ``(||delta||^2 + ||s||^2)^(1/2)``, ``> 0``.

@@ -84,7 +84,8 @@ def noisy_cross_entropy(
     normal CDFs.
 
     Args:
-      model: an NNX module or ``PureModel`` with a layer chain.
+      model: an NNX module or ``PureModel`` with a ReLU site (two-stage) or made of affine steps
+        and ReLUs (layerwise).
       x: inputs ``(batch, *input_shape)`` (or any layout with the same size per example).
       y: integer labels ``(batch,)``.
       sigma: input noise standard deviation.

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
+from .. import graph as graph_lib
 from ..precision import exact
 from ..sites import PureModel, split
 from ._common import (
@@ -40,7 +41,7 @@ from ._common import (
     _num_outputs,
 )
 from ._gaussian import GaussianMoments, relu_moments
-from ._network import propagate_chain, two_stage_linearization
+from ._network import bypass_terms, propagate_graph, split_sites, two_stage_linearization
 
 __all__ = [
     "diagonal_output_moments",
@@ -95,7 +96,8 @@ def diagonal_output_moments(
     isotropic ``sigma^2 I`` (``A Sigma A^T = sigma^2 A A^T``).
 
     Args:
-      model: an NNX module or ``PureModel`` with a layer chain.
+      model: an NNX module or ``PureModel`` with a ReLU site (two-stage) or made of affine steps
+        and ReLUs (layerwise).
       x1: one clean input (no batch axis); the two-stage expansion point.
       mean_shift: shift of the input mean, broadcast to the input shape.
       variance: per-coordinate input variance ``>= 0``, broadcast to the input shape.
@@ -119,9 +121,14 @@ def diagonal_output_moments(
     if method == "two_stage":
         ts = two_stage_linearization(pm, x1, split_at=split_at)
         with jax.default_matmul_precision("highest"):  # closed-form algebra: exact
-            hidden = relu_moments(ts.A @ mu + ts.c1, _diag_sandwich(ts.A.T, var, True))
-            return GaussianMoments(ts.B @ hidden.mean + ts.c2, ts.B @ hidden.cov @ ts.B.T)
-    return propagate_chain(pm, mu, lambda w: _diag_sandwich(w, var, full), full=full)
+            pre_mean = ts.A @ mu + ts.c1
+            pre_cov = _diag_sandwich(ts.A.T, var, True)
+            hidden = relu_moments(pre_mean, pre_cov)
+            dm, dc = bypass_terms(ts, mu, var[:, None] * ts.C.T, pre_mean,
+                                  jnp.sqrt(jnp.clip(jnp.diagonal(pre_cov), 0.0, None)))
+            return GaussianMoments(ts.B @ hidden.mean + ts.c2 + dm,
+                                   ts.B @ hidden.cov @ ts.B.T + dc)
+    return propagate_graph(pm, mu, full=full, var=var)
 
 
 # --------------------------------------------------------------------------- rank one
@@ -231,8 +238,8 @@ def _map_core(struct, params, rest, x1, sigma, index, *, method, split_at, rank_
 
         def per_pixel(i):
             # Noise sigma e_i on the region's coordinates: x @ w moves by sigma w[i]^T g.
-            mom = propagate_chain(pm, x1, lambda w: _rows_sandwich(sigma * w[i], full),
-                                        full=full)
+            rows = sigma * jax.nn.one_hot(i, x1.size, dtype=x1.dtype)
+            mom = propagate_graph(pm, x1, full=full, rows=rows)
             return jnp.trace(mom.cov)
 
         p = _hidden_width(struct, method, split_at)
@@ -273,7 +280,8 @@ def sensitivity_map(
     layer (full: ``p^2 / 2`` bivariate CDFs per layer and pixel, much slower).
 
     Args:
-      model: an NNX module or ``PureModel`` with a layer chain (MLP, LeNet).
+      model: an NNX module or ``PureModel`` with a ReLU site (two-stage) or made of affine steps
+        and ReLUs (layerwise).
       x1: one clean input (no batch axis).
       sigma: noise standard deviation per noisy coordinate, ``> 0``.
       region: block size along the spatial axes; 1 = per input coordinate.
@@ -287,7 +295,8 @@ def sensitivity_map(
       (``(H/r, W/r, C)`` for images, one entry per channel; ``(d/r,)`` for vectors).
 
     Raises:
-      ValueError: bad ``sigma``, ``region``, ``image_shape`` or ``method``.
+      ValueError: bad ``sigma``, ``region``, ``image_shape`` or ``method``, or a two-stage
+        split that a residual connection bypasses.
 
     References:
       Bibi, Alfadly, Ghanem, CVPR 2018 (moments and pixel-level noise sensitivity).
@@ -298,6 +307,14 @@ def sensitivity_map(
         raise ValueError(f"region must be an integer >= 1, got {region!r}")
     pm = split(model)
     x1 = _float_input(pm, x1)
+    if method == "two_stage":
+        sites = split_sites(pm)
+        site = split_at if split_at is not None else (sites[-1] if sites else None)
+        if site in sites and graph_lib.bypasses(graph_lib.read(pm.structure, x1.dtype), site):
+            raise ValueError(
+                f"sensitivity maps with method='two_stage' need every path from the input to "
+                f"pass through the split site, but a residual connection bypasses {site!r}; "
+                "use method='layerwise_full' or 'layerwise_diag', or split at another site")
     view = pm.input_shape if image_shape is None else tuple(int(n) for n in image_shape)
     if math.prod(view) != x1.size:
         raise ValueError(f"image_shape={image_shape} does not have the input's {x1.size} "

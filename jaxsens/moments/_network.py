@@ -1,19 +1,24 @@
-"""Moments of deep networks under Gaussian input (Bibi et al. 2018).
+"""Moments of deep networks under Gaussian input (Bibi et al. 2018), on any model.
 
-* Two-stage linearization: split F = f₂ ∘ relu ∘ f₁ at a ReLU site; expand f₁ and f₂ to
-  first order at the clean input (A, c1 and B, c2) and apply the exact
-  Affine-ReLU-Affine moments.
-* Layerwise propagation: carry (mean, covariance) through every layer of the model's
-  chain — exact through affine maps, exact first and second moments through each ReLU
-  given a Gaussian pre-activation (full covariance), or with the covariance kept
-  diagonal.
+* Two-stage linearization: split F at a ReLU site r = relu(z). By automatic
+  differentiation at the clean input, z ≈ A x + c1 (A = ∂z/∂x), and
+  F ≈ B r + C x + c2 (B = ∂F/∂r; C = ∂F/∂x holding r fixed, non-zero when a residual
+  connection goes around the site). The exact Affine-ReLU-Affine moments give the
+  first term; the bypass adds C Σ Cᵀ and the cross-covariance of r and x, which Stein's
+  lemma gives exactly: Cov(relu(z), x) = diag(Φ(μ_z/σ_z)) A Σ.
+* Layerwise propagation: carry (mean, covariance) through the chain of affine steps
+  (dense, convolution, average pooling, inference-mode normalization, reshapes) and
+  ReLUs read from the model's traced computation — exact through affine maps, exact
+  first and second moments through each ReLU given a Gaussian pre-activation (full
+  covariance), or with the covariance kept diagonal. Residual additions are refused:
+  their branches are correlated.
 
-Both need the model's ``layer_chain()`` (the built-in models have one). Inputs are per
-example (no batch axis); the covariance is over the flattened input.
+Inputs are per example (no batch axis); the covariance is over the flattened input.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal, NamedTuple
 
@@ -21,10 +26,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ..chain import ActivationStep, LinearStep, SiteStep, param
+from .. import graph as graph_lib
 from ..precision import exact
 from ..quadrature import NODES, STEP
-from ..sites import INPUT, PureModel, split
+from ..sites import PureModel, split
 from ._gaussian import GaussianMoments, affine_relu_affine, relu_mean, relu_moments
 from ._gaussian import relu_second_moment as _relu_m2
 
@@ -33,8 +38,11 @@ __all__ = [
     "two_stage_linearization",
     "split_sites",
     "two_stage_moments",
+    "bypass_terms",
     "layerwise_moments",
+    "propagate_graph",
     "output_moments",
+    "check_method",
     "METHODS",
 ]
 
@@ -42,86 +50,79 @@ METHODS = ("two_stage", "layerwise_full", "layerwise_diag")
 
 
 class TwoStage(NamedTuple):
-    """F(x) ≈ B relu(A x + c1) + c2 around a clean input (x flattened).
+    """F(x) ≈ B relu(A x + c1) + C x + c2 around a clean input (x flattened).
 
     Attributes:
       A: ``(p, d)`` Jacobian of the pre-activation at the split w.r.t. the input.
       c1: ``(p,)`` so that A x0 + c1 is the clean pre-activation.
       B: ``(k, p)`` Jacobian of the output w.r.t. the split's ReLU output.
-      c2: ``(k,)`` so that B relu(z0) + c2 is the clean output.
+      c2: ``(k,)`` so that B relu(z0) + C x0 + c2 is the clean output.
+      C: ``(k, d)`` Jacobian of the output w.r.t. the input along paths that bypass the
+        split (residual connections); zeros when every path passes through it.
     """
 
     A: Float[Array, "p d"]
     c1: Float[Array, " p"]
     B: Float[Array, "k p"]
     c2: Float[Array, " k"]
+    C: Float[Array, "k d"]
 
 
 def split_sites(pm: PureModel) -> tuple[str, ...]:
-    """Activation sites usable as a two-stage split: ``site = relu(dense(previous site))``.
+    """Activation sites usable as a two-stage split: sites whose value is ``relu(z)``.
 
     Args:
-      pm: the split model (its layer chain is read).
+      pm: the split model (its traced computation is read).
 
     Returns:
-      The site names, in chain order (empty without a chain or such a site).
+      The site names, in forward order (empty without such a site).
     """
-    chain = pm.structure.chain or ()
-    out = []
-    for i in range(3, len(chain)):
-        prev, lin, act, site = chain[i - 3:i + 1]
-        if (isinstance(prev, SiteStep) and isinstance(lin, LinearStep) and lin.kind == "dense"
-                and isinstance(act, ActivationStep) and act.name == "relu"
-                and isinstance(site, SiteStep)):
-            out.append(site.name)
-    return tuple(out)
+    return tuple(graph_lib.relu_sites(graph_lib.read(pm.structure)))
 
 
-def _split_step(pm: PureModel, split_at: str | None):
-    chain = pm.structure.chain
-    if chain is None:
-        raise ValueError("two-stage moments need the model's layer_chain() (as jaxsens.models "
-                         "MLP and LeNet provide)")
+def _split_site(pm: PureModel, split_at: str | None) -> str:
     allowed = split_sites(pm)
     if not allowed:
-        raise ValueError("the model has no ReLU site of the form relu(dense(previous site)) to "
-                         "split at")
+        raise ValueError("the model has no activation site whose value is relu(...) to split "
+                         "the two-stage moments at; mark a ReLU output with self.perturb")
     name = allowed[-1] if split_at is None else split_at
     if name not in allowed:
-        raise ValueError(f"split={name!r} is not a ReLU site after a dense layer; allowed: "
-                         f"{list(allowed)}")
-    for i, step in enumerate(chain):
-        if isinstance(step, SiteStep) and step.name == name:
-            prev, lin = chain[i - 3], chain[i - 2]
-            assert isinstance(prev, SiteStep) and isinstance(lin, LinearStep)  # split_sites
-            return name, prev.name, lin
-    raise AssertionError("unreachable")
+        raise ValueError(f"split={name!r} is not a ReLU site; allowed: {list(allowed)}")
+    return name
+
+
+def _flat_outputs(g: graph_lib.Graph, env) -> jax.Array:
+    return jnp.concatenate([env[o].reshape(-1) for o in g.outputs])
 
 
 def two_stage_linearization(model, x1: jax.Array, *, split_at: str | None = None) -> TwoStage:
     """First-order expansions of the two halves of the network around ``x1``.
 
+    Any architecture works as long as the split site's value is the output of a ReLU:
+    A, B and C come from automatic differentiation of the model's own computation.
+
     Args:
-      model: an NNX module or ``PureModel`` with a layer chain.
+      model: an NNX module or ``PureModel`` with a ReLU site.
       x1: one clean input (no batch axis).
       split_at: the ReLU site to split at (default: the last one).
 
     Returns:
-      A :class:`TwoStage` ``(A, c1, B, c2)``.
+      A :class:`TwoStage` ``(A, c1, B, c2, C)``.
     """
     pm = split(model)
-    site, prev, lin = _split_step(pm, split_at)
+    site = _split_site(pm, split_at)
     struct, params, rest = pm.structure, pm.params, pm.rest
+    x1 = jnp.asarray(x1)
+    g = graph_lib.read(struct, x1.dtype)
+    z_var = graph_lib.relu_sites(g)[site]
+    weights, rest_leaves = graph_lib.state_arrays(struct, params, rest)
     x_shape = x1.shape
     xf = x1.reshape(-1)
 
     def pre_activation(xv):
-        _, vals = struct.apply_one_with_values(params, rest, xv.reshape(x_shape))
-        h = xv.reshape(x_shape) if prev == INPUT else vals[prev]
-        z = h.reshape(-1) @ param(params, lin.kernel)
-        if lin.bias is not None:
-            z = z + param(params, lin.bias)
-        return z
+        env = graph_lib.evaluate(g, weights, rest_leaves, xv.reshape(1, *x_shape),
+                                 capture=[z_var], until=z_var)
+        return env[z_var].reshape(-1)
 
     z0 = pre_activation(xf)
     jac = jax.jacfwd if xf.size <= z0.size else jax.jacrev
@@ -137,8 +138,47 @@ def two_stage_linearization(model, x1: jax.Array, *, split_at: str | None = None
     zero = jnp.zeros(h0.size, h0.dtype)
     k = out0.size
     B = jax.jacrev(head)(zero) if k <= h0.size else jax.jacfwd(head)(zero)
-    c2 = out0.reshape(-1) - jnp.matmul(B, h0.reshape(-1), precision="highest")
-    return TwoStage(A, c1, B, c2)
+    if graph_lib.bypasses(g, site):
+        held = {g.site_vars[site][1]: h0[None]}
+
+        def around(xv):
+            env = graph_lib.evaluate(g, weights, rest_leaves, xv.reshape(1, *x_shape),
+                                     override=held)
+            return _flat_outputs(g, env)
+
+        C = jax.jacrev(around)(xf) if k <= xf.size else jax.jacfwd(around)(xf)
+    else:
+        C = jnp.zeros((k, xf.size), B.dtype)
+    c2 = (out0.reshape(-1) - jnp.matmul(B, h0.reshape(-1), precision="highest")
+          - jnp.matmul(C, xf, precision="highest"))
+    return TwoStage(A, c1, B, c2, C)
+
+
+@exact
+def bypass_terms(ts: TwoStage, mu: jax.Array, sigma_ct: jax.Array, pre_mean: jax.Array,
+                 pre_sd: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """What the bypass ``C x`` adds to the two-stage output mean and covariance.
+
+    With y = B r + C x + c2, r = relu(z), z = A x + c1 and x ~ N(μ, Σ):
+    E[C x] = C μ, and Cov y gains C Σ Cᵀ + B K Cᵀ + C Kᵀ Bᵀ with the cross-covariance
+    K = Cov(r, x) = diag(Φ(μ_z/σ_z)) A Σ (Stein's lemma, exact for Gaussian x).
+
+    Args:
+      ts: the expansion (its ``C`` may be zero).
+      mu: ``(d,)`` input mean.
+      sigma_ct: ``(d, k)`` Σ Cᵀ.
+      pre_mean: ``(p,)`` mean of the pre-activation z.
+      pre_sd: ``(p,)`` its standard deviations.
+
+    Returns:
+      ``(mean term (k,), covariance term (k, k))``.
+    """
+    active = jax.scipy.special.ndtr(
+        jnp.where(pre_sd > 0, pre_mean / jnp.where(pre_sd > 0, pre_sd, 1.0),
+                  jnp.where(pre_mean > 0, jnp.inf, -jnp.inf)))
+    k_ct = ts.A @ sigma_ct  # A Σ Cᵀ, (p, k)
+    cross = ts.B @ (active[:, None] * k_ct)  # B K Cᵀ
+    return ts.C @ mu, ts.C @ sigma_ct + cross + cross.T
 
 
 def two_stage_moments(model, x1, mean_shift, cov, *, split_at: str | None = None
@@ -146,7 +186,7 @@ def two_stage_moments(model, x1, mean_shift, cov, *, split_at: str | None = None
     """Output mean and covariance for input ~ N(x1 + mean_shift, cov), two-stage linearized.
 
     Args:
-      model: an NNX module or ``PureModel`` with a layer chain.
+      model: an NNX module or ``PureModel`` with a ReLU site.
       x1: the clean input (no batch axis), the expansion point.
       mean_shift: shift of the input mean (input shape).
       cov: ``(d, d)`` input covariance over the flattened input.
@@ -156,73 +196,187 @@ def two_stage_moments(model, x1, mean_shift, cov, *, split_at: str | None = None
       ``GaussianMoments(mean: (k,), cov: (k, k))`` of the flattened output.
     """
     ts = two_stage_linearization(model, x1, split_at=split_at)
-    mu = x1.reshape(-1) + mean_shift.reshape(-1)
-    return affine_relu_affine(ts.A, ts.c1, ts.B, ts.c2, mu, cov)
+    mu = jnp.asarray(x1).reshape(-1) + jnp.asarray(mean_shift).reshape(-1)
+    base = affine_relu_affine(ts.A, ts.c1, ts.B, ts.c2, mu, cov)
+    with jax.default_matmul_precision("highest"):
+        pre_mean = ts.A @ mu + ts.c1
+        pre_sd = jnp.sqrt(jnp.clip(jnp.sum((ts.A @ cov) * ts.A, axis=1), 0.0, None))
+        dm, dc = bypass_terms(ts, mu, cov @ ts.C.T, pre_mean, pre_sd)
+    return GaussianMoments(base.mean + dm, base.cov + dc)
 
 
-def _dense_relu_chain(pm: PureModel):
-    """The model's layer chain, checked to hold only dense layers and ReLU/identity."""
-    chain = pm.structure.chain
-    if chain is None:
-        raise ValueError("layerwise moments need the model's layer_chain()")
-    for step in chain:
-        if isinstance(step, LinearStep) and step.kind != "dense":
-            raise ValueError("layerwise moments support dense layers only (the MLP); use "
-                             "method='two_stage' for convolutional models")
-        if isinstance(step, ActivationStep) and step.name not in ("relu", "identity"):
-            raise ValueError(f"layerwise moments need relu activations, got {step.name!r}")
-    return chain
+# --------------------------------------------------------------------------- layerwise
+def _vals(step: graph_lib.MomentStep, consts, live) -> list:
+    return [live if j == step.live else (a.value if isinstance(a, graph_lib.Lit)
+                                         else consts[a])
+            for j, a in enumerate(step.node.inputs)]
+
+
+def _affine(step, consts, v):
+    return graph_lib.evaluate_node(step.node, _vals(step, consts, v))
+
+
+def _linear(step, consts, t):
+    """The linear part of an affine step applied to ``t``."""
+    name = step.node.name
+    if name in ("add", "sub"):
+        return -t if name == "sub" and step.live == 1 else t
+    if name in ("pad", "concatenate"):
+        vals = [jnp.zeros_like(v) if j != step.live else t
+                for j, v in enumerate(_vals(step, consts, t))]
+        return graph_lib.evaluate_node(step.node, vals)
+    return _affine(step, consts, t)
+
+
+def _linear_flat(step, consts, shape, t):
+    return _linear(step, consts, t.reshape(shape)).reshape(-1)
+
+
+def _variance(step, consts, var):
+    """Variances after an affine step, units taken as independent (diagonal mode)."""
+    name = step.node.name
+    if name in ("add", "sub"):
+        return var
+    vals = _vals(step, consts, var)
+    if name in ("dot_general", "conv_general_dilated", "mul", "div"):
+        vals = [v if j == step.live else jnp.square(v) for j, v in enumerate(vals)]
+    elif name in ("pad", "concatenate"):
+        vals = [v if j == step.live else jnp.zeros_like(v) for j, v in enumerate(vals)]
+    elif name == "neg":
+        return var
+    return graph_lib.evaluate_node(step.node, vals)
+
+
+def _dense_rows(step, consts, sd):
+    """Rows of diag(sd) pushed through ``x @ W`` without forming diag(sd): sd_i W[i]."""
+    node = step.node
+    if node.name != "dot_general" or step.live != 0:
+        return None
+    (cl, cr), (bl, br) = node.params["dimension_numbers"]
+    w = node.inputs[1]
+    if bl or br or tuple(cl) != (1,) or tuple(cr) != (0,):
+        return None
+    wv = w.value if isinstance(w, graph_lib.Lit) else consts[w]
+    if wv.ndim != 2:
+        return None
+    return (sd[:, None] * wv)[:, None, :]
 
 
 @exact
-def propagate_chain(pm: PureModel, mu, first_cov, *, full: bool) -> GaussianMoments:
-    """Carry (mean, covariance) through a dense ReLU chain, layer by layer.
+def propagate_graph(pm: PureModel, mu: jax.Array, *, full: bool, cov: jax.Array | None = None,
+                    rows: jax.Array | None = None, var: jax.Array | None = None
+                    ) -> GaussianMoments:
+    """Carry (mean, covariance) through the model's affine steps and ReLUs.
 
-    ``first_cov(kernel)`` gives the covariance after the first dense layer: a matrix if
-    ``full``, else its diagonal (so a structured input covariance never needs a d×d
-    matrix). After that, affine steps are exact and each ReLU gets the exact moments of
-    relu(u) for Gaussian u with the propagated mean and covariance (full) or variances
-    (diagonal).
+    The input covariance is given one of three ways: ``cov`` (d, d); ``rows`` F (r, d)
+    with Σ = FᵀF (a few noise directions, e.g. one pixel); or ``var`` (d,), Σ = diag(var).
+    Until the first ReLU the covariance is carried exactly in that form; after it, in
+    full (``full``) or as variances only.
+
+    Args:
+      pm: the model (its traced computation is read).
+      mu: the input mean (any shape of size d).
+      full: keep full covariances after the first ReLU (else variances only).
+      cov: a full input covariance.
+      rows: directions F with Σ = FᵀF.
+      var: input variances (diagonal Σ).
+
+    Returns:
+      ``GaussianMoments(mean: (k,), cov: (k, k))`` (diagonal ``cov`` unless ``full``).
+
+    Raises:
+      ValueError: a residual addition, or an operation neither affine nor a ReLU.
     """
-    params = pm.params
-    mu = mu.reshape(-1)
-    c = None
-    for step in _dense_relu_chain(pm):
-        if isinstance(step, LinearStep):
-            w = param(params, step.kernel)
-            if c is None:
-                c = first_cov(w)
+    struct = pm.structure
+    mu = jnp.asarray(mu)
+    g = graph_lib.read(struct, mu.dtype)
+    steps = graph_lib.moment_steps(g)
+    weights, rest_leaves = graph_lib.state_arrays(struct, pm.params, pm.rest)
+    need = [a for st in steps for j, a in enumerate(st.node.inputs)
+            if isinstance(a, int) and j != st.live]
+    consts = graph_lib.evaluate(g, weights, rest_leaves, None, const_only=True, capture=need)
+    m = mu.reshape(1, *struct.input_shape)
+    d = m.size
+    # The covariance: ("full", Σ (n, n)), ("rows", F (r, *shape)), ("diag", var (shape)),
+    # or after a ReLU in diagonal mode ("var", var (shape)).
+    if cov is not None:
+        state, c = "full", jnp.asarray(cov, m.dtype).reshape(d, d)
+    elif rows is not None:
+        state, c = "rows", jnp.asarray(rows, m.dtype).reshape(-1, *m.shape)
+    else:
+        state, c = "diag", jnp.broadcast_to(jnp.asarray(var, m.dtype), (d,)).reshape(m.shape)
+    for step in steps:
+        if step.kind == "relu":
+            n = m.size
+            if state == "full":
+                sigma = c if full else jnp.diagonal(c)
+            elif state == "rows":
+                f = c.reshape(c.shape[0], n)
+                sigma = f.T @ f if full else jnp.sum(f * f, axis=0)
+            elif state == "diag":
+                sigma = jnp.diag(c.reshape(n)) if full else c.reshape(n)
             else:
-                c = w.T @ c @ w if full else jnp.square(w).T @ c
-            mu = mu @ w
-            if step.bias is not None:
-                mu = mu + param(params, step.bias)
-        elif isinstance(step, ActivationStep) and step.name == "relu":
+                sigma = c.reshape(n)
+            if full and sigma.ndim == 1:
+                sigma = jnp.diag(sigma)
             if full:
-                mu, c = relu_moments(mu, c)
+                mom = relu_moments(m.reshape(n), sigma)
+                m_new, c = mom.mean, mom.cov
+                state = "full"
             else:
-                sd = jnp.sqrt(jnp.clip(c, 0.0, None))
-                m1 = relu_mean(mu, sd)
-                c = jnp.clip(_relu_m2(mu, sd) - m1**2, 0.0, None)
-                mu = m1
-    if c is None:
-        raise ValueError("the layer chain has no dense layer to propagate moments through")
-    return GaussianMoments(mu, c if full else jnp.diag(c))
+                sd = jnp.sqrt(jnp.clip(sigma, 0.0, None))
+                m_new = relu_mean(m.reshape(n), sd)
+                c = jnp.clip(_relu_m2(m.reshape(n), sd) - m_new**2, 0.0, None).reshape(m.shape)
+                state = "var"
+            m = m_new.reshape(m.shape)
+            continue
+        m_out = _affine(step, consts, m)
+        if state == "full":
+            lin = jax.vmap(functools.partial(_linear_flat, step, consts, m.shape))
+            half = lin(c)  # rows: L Σ[i]  → (n_in, n_out) = Σ Lᵀ
+            c = lin(half.T)  # L (Σ Lᵀ) columns → (n_out, n_out)
+            c = 0.5 * (c + c.T)
+        elif state == "rows":
+            c = jax.vmap(functools.partial(_linear, step, consts))(c)
+        elif state == "diag":
+            if step.node.name in ("dot_general", "conv_general_dilated"):
+                sd = jnp.sqrt(c.reshape(-1))
+                dense = _dense_rows(step, consts, sd)
+                if dense is None:
+                    eye = jnp.diag(sd).reshape(-1, *m.shape)
+                    dense = jax.vmap(functools.partial(_linear, step, consts))(eye)
+                state, c = "rows", dense
+            else:
+                c = _variance(step, consts, c)
+        else:
+            c = _variance(step, consts, c)
+        m = m_out
+    n = m.size
+    if state == "rows":
+        f = c.reshape(c.shape[0], n)
+        out = f.T @ f if full else jnp.diag(jnp.sum(f * f, axis=0))
+    elif state == "full":
+        out = c if full else jnp.diag(jnp.diagonal(c))
+    else:
+        out = jnp.diag(c.reshape(n))
+    return GaussianMoments(m.reshape(-1), out)
 
 
 @exact
 def layerwise_moments(model, x1, mean_shift, cov, *,
                       covariance: Literal["full", "diag"] = "full") -> GaussianMoments:
-    """Propagate (mean, covariance) through a dense ReLU chain layer by layer.
+    """Propagate (mean, covariance) through the model's layers one by one.
 
-    Affine steps are exact; each ReLU gets the exact moments of relu(u) for a Gaussian u
+    Affine steps (dense, convolution, average pooling, inference-mode normalization,
+    reshapes) are exact; each ReLU gets the exact moments of relu(u) for a Gaussian u
     with the propagated mean and covariance (the Gaussian assumption is the
-    approximation). ``covariance="diag"`` keeps only variances after the first layer
+    approximation). ``covariance="diag"`` keeps only variances after the first ReLU
     (cheaper, ignores correlations between units; the input's own correlations still
-    enter the first layer's variances).
+    enter the first layer's variances). Residual additions are refused (their branches
+    are correlated): use the two-stage method there.
 
     Args:
-      model: an NNX module or ``PureModel`` whose chain has dense layers and ReLUs only.
+      model: an NNX module or ``PureModel`` made of affine steps and ReLUs.
       x1: the clean input (no batch axis).
       mean_shift: shift of the input mean (input shape).
       cov: ``(d, d)`` input covariance over the flattened input.
@@ -232,13 +386,33 @@ def layerwise_moments(model, x1, mean_shift, cov, *,
       ``GaussianMoments(mean: (k,), cov: (k, k))`` (diagonal ``cov`` for ``"diag"``).
     """
     pm = split(model)
-    full = covariance == "full"
+    mu = jnp.asarray(x1).reshape(-1) + jnp.asarray(mean_shift).reshape(-1)
+    return propagate_graph(pm, mu, full=covariance == "full", cov=cov)
 
-    def first_cov(w):
-        c = w.T @ cov @ w
-        return c if full else jnp.diagonal(c)
 
-    return propagate_chain(pm, x1.reshape(-1) + mean_shift.reshape(-1), first_cov, full=full)
+def check_method(pm: PureModel, method: str, split_at: str | None = None) -> None:
+    """A one-line ValueError, before any work, if ``method`` cannot run on ``pm``.
+
+    Args:
+      pm: the split model.
+      method: one of :data:`METHODS`.
+      split_at: the two-stage split site (``None``: the last ReLU site).
+
+    Raises:
+      ValueError: unknown method; no ReLU site (or ``split_at`` is not one) for the
+        two-stage method; a residual addition or an operation that is neither affine nor
+        a ReLU for the layerwise methods.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is not a moments method; choose one of "
+                         f"{list(METHODS)}")
+    if method == "two_stage":
+        _split_site(pm, split_at)
+    else:
+        try:
+            graph_lib.moment_steps(graph_lib.read(pm.structure))
+        except graph_lib.GraphError as err:
+            raise ValueError(str(err)) from None
 
 
 def output_moments(model, x1, mean_shift, cov, *, method: str = "two_stage",
@@ -246,7 +420,7 @@ def output_moments(model, x1, mean_shift, cov, *, method: str = "two_stage",
     """Output mean and covariance under input ~ N(x1 + mean_shift, cov) by ``method``.
 
     Args:
-      model: an NNX module or ``PureModel`` with a layer chain.
+      model: an NNX module or ``PureModel``.
       x1: the clean input (no batch axis).
       mean_shift: shift of the input mean (input shape).
       cov: ``(d, d)`` input covariance over the flattened input.

@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING, Annotated, Union
 
 from pydantic import Field
 
-from . import gaussian_attack, moments_tightness, noise_profile, sensitivity_map, weight_norms
+from . import (
+    gaussian_attack,
+    interclass_confusion,
+    moments_tightness,
+    noise_profile,
+    sensitivity_map,
+    weight_norms,
+)
 from ._base import AnalysisConfig as AnalysisConfig
 from ._base import AnalysisKind as AnalysisKind
 from ._base import Context as Context
@@ -26,6 +33,7 @@ KINDS: dict[str, AnalysisKind] = {
         sensitivity_map.KIND,
         gaussian_attack.KIND,
         weight_norms.KIND,
+        interclass_confusion.KIND,
     )
 }
 """Every experiment kind by name."""

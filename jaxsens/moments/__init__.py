@@ -6,6 +6,10 @@ from ._attacks import AttackCheck as AttackCheck
 from ._attacks import AttackResult as AttackResult
 from ._attacks import check_attack as check_attack
 from ._attacks import gaussian_noise_attack as gaussian_noise_attack
+from ._confusion import Confusion as Confusion
+from ._confusion import confusion_matrix as confusion_matrix
+from ._confusion import overtake_probabilities as overtake_probabilities
+from ._confusion import sampled_confusion_matrix as sampled_confusion_matrix
 from ._expected import expected_cross_entropy as expected_cross_entropy
 from ._expected import noisy_cross_entropy as noisy_cross_entropy
 from ._gaussian import GaussianMoments as GaussianMoments

@@ -37,6 +37,8 @@ def sensitivity_map_figure(
     title: str | None = None,
     cmap: str = "inferno",
     alpha: float = 0.65,
+    vmax: float | None = None,
+    colorbar: bool = True,
 ):
     """Draw a :func:`~jaxsens.moments.sensitivity_map`, optionally over the image it was
     computed for.
@@ -53,6 +55,11 @@ def sensitivity_map_figure(
       title: axes title.
       cmap: colormap of the map.
       alpha: opacity of the map when drawn over an image.
+      vmax: the top of the colour scale (its bottom is 0); give the same value to maps
+        drawn side by side so that one colour means one value in all of them (default:
+        this map's maximum).
+      colorbar: draw a colorbar beside the axes (``False`` when one colorbar serves
+        several maps; the drawn map is ``ax.images[-1]``).
 
     Returns:
       The matplotlib ``Figure`` drawn on.
@@ -71,15 +78,18 @@ def sensitivity_map_figure(
     else:
         ax = path_or_ax
         fig = ax.figure
+    scale = {"vmin": 0.0, "vmax": vmax} if vmax is not None else {}
     if image is not None:
         img = _as_picture(np.asarray(image))
         h, w = img.shape[:2]
         extent = (-0.5, w - 0.5, h - 0.5, -0.5)
         ax.imshow(img, cmap="gray", extent=extent, interpolation="nearest")
-        shown = ax.imshow(arr, cmap=cmap, alpha=alpha, extent=extent, interpolation="nearest")
+        shown = ax.imshow(arr, cmap=cmap, alpha=alpha, extent=extent, interpolation="nearest",
+                          **scale)
     else:
-        shown = ax.imshow(arr, cmap=cmap, interpolation="nearest")
-    fig.colorbar(shown, ax=ax, label="tr Cov F (noise on this pixel only)")
+        shown = ax.imshow(arr, cmap=cmap, interpolation="nearest", **scale)
+    if colorbar:
+        fig.colorbar(shown, ax=ax, label="tr Cov F (noise on this pixel only)")
     ax.set_xticks([])
     ax.set_yticks([])
     if title is not None:

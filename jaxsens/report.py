@@ -36,7 +36,7 @@ def _num(v, fmt="{:.4g}") -> str:
 def summary_table(results: dict) -> str:
     """A compact terminal table: one block per run of analyses of the same kind, each
     under its kind's own column names (the noise analyses: site, ε, sampled, predicted,
-    bound, accuracy at the level nearest 5%).
+    bound, accuracy at each analysis's headline level).
 
     Args:
       results: the contents of a run's ``results.json``.
@@ -397,7 +397,8 @@ def render_sweep_report(sweep_dir: str | Path, *, figure: bool = True) -> str:
     One table row per point (:func:`sweep_points`): its swept values, its status, the
     clean test accuracy and, per analysis and summary row (a site, an example ...), the
     headline numbers of that analysis's kind as its terminal summary shows them (the noise
-    analyses: sampled / predicted / bound / accuracy at the level nearest 5%). A point that
+    analyses: sampled / predicted / bound / accuracy at each analysis's headline level). A
+    point that
     failed, is unfinished or never ran is listed as missing, with dashes. The figure plots
     each analysis's first headline quantity and the clean accuracy against the first swept
     field, one line per site (and combination of the other swept fields). Reads only the

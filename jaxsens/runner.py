@@ -189,11 +189,11 @@ def _accuracy(model: nnx.Module, x, y, batch: int = 1024) -> float:
     return correct / len(x)
 
 
-def _run_analysis(a, index: int, model, ds, cfg, quiet: bool) -> list[dict]:
+def _run_analysis(a, index: int, model, ds, cfg, quiet: bool, initial=None) -> list[dict]:
     n = min(a.examples, ds.n_test)
     ctx = Context(model=model, x=jnp.asarray(ds.x_test[:n]), y=jnp.asarray(ds.y_test[:n]),
                   key=jax.random.fold_in(jax.random.key(cfg.seed), 1000 + index), index=index,
-                  quiet=quiet)
+                  quiet=quiet, initial_model=initial)
     return KINDS[a.kind].run(a, ctx)
 
 
@@ -308,6 +308,10 @@ def _run(cfg: ExperimentConfig, run_dir, quiet: bool) -> RunResult:
 
     tc = cfg.train
     history: list[dict] = []
+    # The model as initialized (train() leaves its argument untouched; a resumed or
+    # restored run rebuilt the same initial parameters from the seed): the analyses
+    # compare the trained network with it.
+    initial = model if tc.epochs > 0 else None
     if tc.epochs > 0:
         steps_per_epoch = data_lib.num_batches(ds.n_train, tc.batch_size)
         opt = train_lib.make_optimizer(
@@ -346,7 +350,7 @@ def _run(cfg: ExperimentConfig, run_dir, quiet: bool) -> RunResult:
                 analyses_out.append(saved)
                 continue
         t0 = time.perf_counter()
-        records = _run_analysis(a, i, model, ds, cfg, quiet)
+        records = _run_analysis(a, i, model, ds, cfg, quiet, initial)
         n = min(a.examples, ds.n_test)
         entry = {"name": a.label, "kind": a.kind, "spec": spec, "num_examples": n,
                  "clean_accuracy": _accuracy(model, ds.x_test[:n], ds.y_test[:n]),

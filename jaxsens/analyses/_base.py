@@ -82,6 +82,8 @@ class Context:
       key: this analysis's PRNG key (from the config's seed and its index).
       index: its position in ``analyses``.
       quiet: no progress output.
+      initial_model: the model as initialized, before training (``None`` when the run
+        did not train, or from callers that do not have it).
     """
 
     model: Any
@@ -90,6 +92,7 @@ class Context:
     key: jax.Array
     index: int
     quiet: bool
+    initial_model: Any = None
 
     def error(self, err: Exception) -> ConfigError:
         """A user error found while running, as a one-line config error."""
@@ -155,5 +158,8 @@ def check_moments_model(where: str, model: PureModel, method: str, split_at: str
     try:
         check_method(model, method, split_at)
     except ValueError as err:
-        field = ".split_at" if split_at is not None and "split=" in str(err) else ""
-        raise ConfigError(f"config error at {where}{field}: {err}") from None
+        msg = str(err)
+        field = ""
+        if split_at is not None and f"split={split_at!r}" in msg:
+            field, msg = ".split_at", msg.replace(f"split={split_at!r}", repr(split_at))
+        raise ConfigError(f"config error at {where}{field}: {msg}") from None

@@ -21,7 +21,7 @@ from ..plotting import as_picture
 from ..schema import ConfigError, one_of
 from ..sites import PureModel
 from ._base import AnalysisKind, Context, WithMoments, check_moments_model, summary_row
-from ._report import num, save_figure
+from ._report import num, plain_formatter, save_figure, site_style
 
 __all__ = ["GaussianAttack", "KIND"]
 
@@ -118,36 +118,71 @@ def _picture(r: dict, key: str) -> np.ndarray:
     return as_picture(np.asarray(r[key]).reshape(r["input_shape"]))
 
 
+_SHOWN = 16  # examples whose distributions are drawn
+
+
 def figures(run_dir: Path, analysis: dict) -> list[str]:
+    """Predicted vs Monte Carlo margins, and every example's optimized distribution (mean
+    shift and noise std, each on one colour scale shared by all examples)."""
     recs = analysis["records"]
     if not recs:
         return []
     made = []
-    fig = Figure(figsize=(4.6, 4.2))
+    fig = Figure(figsize=(5.2, 4.6), layout="constrained")
     ax = fig.add_subplot()
     pm = [r["predicted_margin"] for r in recs]
     mc = [r["mc_margin"] for r in recs]
-    err = [2 * r["mc_margin_stderr"] for r in recs]
-    ax.errorbar(pm, mc, yerr=err, fmt="o")
+    err = [1.96 * r["mc_margin_stderr"] for r in recs]
     lo, hi = min(pm + mc), max(pm + mc)
-    ax.plot([lo, hi], [lo, hi], "k--", lw=1)
-    ax.set_xlabel("predicted expected margin (analytic moments)")
-    ax.set_ylabel("Monte Carlo margin on the true network (±2 se)")
-    ax.set_title(f"{analysis['name']}: prediction vs true network")
+    ax.plot([lo, hi], [lo, hi], "--", color="0.4", lw=1, label="prediction = Monte Carlo")
+    ax.errorbar(pm, mc, yerr=err, fmt="o", ms=4, color=site_style(0)[0], capsize=2,
+                label="one example (95% interval)")
+    ax.axhline(0.0, color="0.75", lw=0.8)
+    ax.set_xlabel("expected margin predicted by the analytic moments", fontsize=9)
+    ax.set_ylabel("Monte Carlo margin on the true network", fontsize=9)
+    ax.set_title(f"{analysis['name']}: attack margin, prediction vs true network\n"
+                 "(margin < 0: the attack succeeds on average)", fontsize=9.5)
+    ax.grid(alpha=0.3)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=2,
+               fontsize=8, frameon=False)
     made.append(save_figure(run_dir, f"{analysis['name']}_margins.png", fig))
-    shown = [r for r in recs if _picture(r, "std").ndim == 2][:4]
+    pictures = [r for r in recs if _picture(r, "std").ndim == 2]
+    shown = pictures[:_SHOWN]
     if shown:
-        fig = Figure(figsize=(6.0, 2.8 * len(shown)))
+        cols = min(4, len(shown))
+        rows = -(-len(shown) // cols)
+        fig = Figure(figsize=(2.25 * cols + 1.6, 4.3 * rows + 0.6), layout="constrained")
+        # Two colorbars of their own (top half: δ, bottom half: s) in a narrow last column.
+        grid = fig.add_gridspec(2 * rows, cols + 1, width_ratios=[1.0] * cols + [0.07])
+        shift = max(max(abs(v) for v in r["mean_shift"]) for r in shown) or 1.0
+        top = max(max(r["std"]) for r in shown) or 1.0
+        panels: dict[str, list] = {"mean_shift": [], "std": []}
         for i, r in enumerate(shown):
+            row, col = 2 * (i // cols), i % cols
             for j, (key, label) in enumerate((("mean_shift", "mean shift δ"),
                                               ("std", "noise std s"))):
-                ax = fig.add_subplot(len(shown), 2, 2 * i + j + 1)
-                im = ax.imshow(_picture(r, key),
-                               cmap="coolwarm" if key == "mean_shift" else "viridis")
-                fig.colorbar(im, ax=ax)
+                ax = fig.add_subplot(grid[row + j, col])
+                if key == "mean_shift":
+                    ax.imshow(_picture(r, key), cmap="coolwarm", vmin=-shift, vmax=shift)
+                    ax.set_title(f"example {r['example']} (label {r['label']})\n"
+                                 f"success {r['success_rate']:.2f}", fontsize=8.5)
+                else:
+                    ax.imshow(_picture(r, key), cmap="viridis", vmin=0.0, vmax=top)
                 ax.set_xticks([])
                 ax.set_yticks([])
-                ax.set_title(f"example {r['example']}: {label}")
+                if col == 0:
+                    ax.set_ylabel(label, fontsize=9)
+                panels[key].append(ax)
+        for key, label, cax in (("mean_shift", "mean shift δ (all examples)", grid[:rows, cols]),
+                                ("std", "noise std s (all examples)", grid[rows:, cols])):
+            bar = fig.colorbar(panels[key][0].images[-1], cax=fig.add_subplot(cax),
+                               format=plain_formatter())
+            bar.set_label(label, fontsize=8)
+            bar.ax.tick_params(labelsize=8)
+        which = ("every attacked example" if len(shown) == len(pictures) else
+                 f"the first {len(shown)} of {len(pictures)} attacked examples")
+        fig.suptitle(f"{analysis['name']}: the optimized input distribution of {which} "
+                     f"(budget {recs[0]['level']:g})", fontsize=10)
         made.append(save_figure(run_dir, f"{analysis['name']}_distributions.png", fig))
     return made
 

@@ -25,7 +25,7 @@ from ._base import (
     check_moments_model,
     summary_row,
 )
-from ._report import num, save_figure
+from ._report import num, plain_formatter, save_figure
 
 __all__ = ["SensitivityMap", "KIND"]
 
@@ -71,19 +71,44 @@ def run(cfg: SensitivityMap, ctx: Context) -> list[dict]:
     return rows
 
 
+_SHOWN = 8  # examples drawn per noise level
+
+
 def figures(run_dir: Path, analysis: dict) -> list[str]:
-    recs = analysis["records"][:8]
+    """The maps over their images, one row block per σ with one colour scale (and one
+    colorbar) for all its maps, so that colours compare across examples."""
+    recs = analysis["records"]
     if not recs:
         return []
-    cols = min(4, len(recs))
-    rows = -(-len(recs) // cols)
-    fig = Figure(figsize=(3.6 * cols, 3.2 * rows))
-    for i, r in enumerate(recs):
-        ax = fig.add_subplot(rows, cols, i + 1)
-        smap = as_picture(np.asarray(r["map"]).reshape(r["map_shape"]))
-        image = as_picture(np.asarray(r["image"]).reshape(r["input_shape"]))
-        sensitivity_map_figure(smap, ax, image=image if image.ndim == 2 else None,
-                               title=f"example {r['example']}, σ={r['level']:g}")
+    levels = sorted({r["level"] for r in recs})
+    groups = [[r for r in recs if r["level"] == lv][:_SHOWN] for lv in levels]
+    cols = min(4, max(len(g) for g in groups))
+    rows = [-(-len(g) // cols) for g in groups]
+    fig = Figure(figsize=(2.3 * cols + 1.3, 2.25 * sum(rows) + 0.7), layout="constrained")
+    grid = fig.add_gridspec(sum(rows), cols)
+    region = np.prod(recs[0]["map_shape"]) != np.prod(recs[0]["input_shape"])
+    where = "one block" if region else "one pixel"
+    top = 0
+    for lv, group, nrow in zip(levels, groups, rows, strict=True):
+        vmax = max(max(r["map"]) for r in group) or 1.0
+        axes = []
+        for i, r in enumerate(group):
+            ax = fig.add_subplot(grid[top + i // cols, i % cols])
+            smap = as_picture(np.asarray(r["map"]).reshape(r["map_shape"]))
+            image = as_picture(np.asarray(r["image"]).reshape(r["input_shape"]))
+            sensitivity_map_figure(smap, ax, image=image if image.ndim == 2 else None,
+                                   title=f"example {r['example']}, σ={lv:g}", vmax=vmax,
+                                   colorbar=False)
+            ax.title.set_fontsize(9)
+            axes.append(ax)
+        bar = fig.colorbar(axes[-1].images[-1], ax=axes, shrink=0.9, format=plain_formatter())
+        bar.set_label(f"tr Cov F (σ={lv:g},\nnoise on {where} only)", fontsize=8)
+        bar.ax.tick_params(labelsize=8)
+        top += nrow
+    total = len([r for r in recs if r["level"] == levels[0]])
+    more = f" (first {_SHOWN} of {total})" if total > _SHOWN else ""
+    fig.suptitle(f"{analysis['name']}: output variance from Gaussian noise on {where} at a "
+                 f"time{more}", fontsize=10)
     return [save_figure(run_dir, f"{analysis['name']}_maps.png", fig)]
 
 

@@ -20,7 +20,7 @@ from ..linalg import spectral_norm_bound
 from ..noise import linf_operator_norm
 from ..sites import split
 from ._base import AnalysisConfig, AnalysisKind, Context, summary_row
-from ._report import num, save_figure
+from ._report import num, save_figure, set_log_ticks, set_name_ticks, site_style
 
 __all__ = ["WeightNorms", "KIND"]
 
@@ -53,19 +53,24 @@ def run(cfg: WeightNorms, ctx: Context) -> list[dict]:
 
 
 def figures(run_dir: Path, analysis: dict) -> list[str]:
+    """The three norms per weight matrix, bars side by side on a log axis."""
     recs = analysis["records"]
     if not recs:
         return []
-    fig = Figure(figsize=(6.4, 3.8))
+    fig = Figure(figsize=(max(6.4, 1.1 * len(recs) + 2.0), 4.2), layout="constrained")
     ax = fig.add_subplot()
     pos = np.arange(len(recs))
     for i, (key, label) in enumerate(_NORMS):
-        ax.bar(pos + (i - 1) * 0.27, [r[key] for r in recs], width=0.27, label=label)
-    ax.set_xticks(pos, [r["site"] for r in recs], rotation=30, ha="right")
-    ax.set_yscale("log")
-    ax.set_ylabel("norm")
-    ax.set_title(f"{analysis['name']}: weight norms per layer")
-    ax.legend(fontsize=8)
+        ax.bar(pos + (i - 1) * 0.27, [r[key] for r in recs], width=0.27, label=label,
+               color=site_style(i)[0])
+    names = [r["site"] for r in recs]
+    set_name_ticks(ax, pos, names, fig.get_figwidth() - 1.0)
+    set_log_ticks(ax, "y")
+    ax.set_ylabel("norm of the weight matrix", fontsize=9)
+    ax.set_title(f"{analysis['name']}: weight norms per layer", fontsize=10)
+    ax.grid(alpha=0.3, axis="y", which="major")
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize=8,
+               frameon=False)
     return [save_figure(run_dir, f"{analysis['name']}_norms.png", fig)]
 
 

@@ -116,11 +116,10 @@ def two_stage_linearization(model, x1: jax.Array, *, split_at: str | None = None
     g = graph_lib.read(struct, x1.dtype)
     z_var = graph_lib.relu_sites(g)[site]
     weights, rest_leaves = graph_lib.state_arrays(struct, params, rest)
-    x_shape = x1.shape
     xf = x1.reshape(-1)
 
     def pre_activation(xv):
-        env = graph_lib.evaluate(g, weights, rest_leaves, xv.reshape(1, *x_shape),
+        env = graph_lib.evaluate(g, weights, rest_leaves, xv.reshape(1, *struct.input_shape),
                                  capture=[z_var], until=z_var)
         return env[z_var].reshape(-1)
 
@@ -142,8 +141,8 @@ def two_stage_linearization(model, x1: jax.Array, *, split_at: str | None = None
         held = {g.site_vars[site][1]: h0[None]}
 
         def around(xv):
-            env = graph_lib.evaluate(g, weights, rest_leaves, xv.reshape(1, *x_shape),
-                                     override=held)
+            env = graph_lib.evaluate(g, weights, rest_leaves,
+                                     xv.reshape(1, *struct.input_shape), override=held)
             return _flat_outputs(g, env)
 
         C = jax.jacrev(around)(xf) if k <= xf.size else jax.jacfwd(around)(xf)

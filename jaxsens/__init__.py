@@ -5,7 +5,9 @@ output move? Answered three ways on the same inputs: ``sampled`` (Monte Carlo),
 ``linearized`` (exact first-order propagation) and ``bound`` (certified worst case).
 """
 
+from . import bounds as bounds
 from . import estimators as estimators
+from . import graph as graph
 from . import losses as losses
 from . import models as models
 from . import moments as moments

@@ -62,6 +62,8 @@ __all__ = [
     "bypasses",
     "moment_steps",
     "MomentStep",
+    "DenseStep",
+    "dense_chain",
 ]
 
 
@@ -1076,3 +1078,151 @@ def moment_steps(graph: Graph) -> tuple[MomentStep, ...]:
         steps.append(MomentStep(node, "affine", live[0]))
     memo["moment_steps"] = tuple(steps)
     return memo["moment_steps"]
+
+
+# --------------------------------------------------------------------------- dense chains
+@dataclasses.dataclass(frozen=True)
+class DenseStep:
+    """One dense layer of a chain ``h_k = σ_k(h_{k−1} K_k + b_k)``.
+
+    Attributes:
+      kernel: the var of the ``(n_in, n_out)`` kernel (constant).
+      site: the weight site of the kernel, if it is a parameter as is.
+      bias: the var (or constant) added after the product, broadcast to ``(1, n_out)``,
+        or ``None``.
+      activation: ``(name, Lipschitz constant, |σ(0)|)`` of the elementwise function
+        applied after the layer, ``None`` for the last layer (or a linear layer).
+      node: the index of the ``dot_general`` node.
+    """
+
+    kernel: int
+    site: str | None
+    bias: int | Lit | None
+    activation: tuple[str, float, float] | None
+    node: int
+
+
+_ALIAS = frozenset("reshape squeeze expand_dims convert_element_type copy copy_p".split())
+
+
+def _chain_error(node: Node, what: str) -> GraphError:
+    return GraphError(f"the weight-margin bound reads chains of dense layers and elementwise "
+                      f"activations; {node.name!r} at {node.where} {what}")
+
+
+def dense_chain(graph: Graph) -> tuple[DenseStep, ...]:
+    """The model read as ``f = W_d σ(… σ(W_1 x + b_1) …) + b_d``, if it is one.
+
+    Reshapes of the hidden values, the (zero) deltas of activation sites and activations
+    written as several primitives are looked through.
+
+    Args:
+      graph: from :func:`read`.
+
+    Returns:
+      The dense layers in forward order.
+
+    Raises:
+      GraphError: another operation depends on the input (a convolution, a residual
+        addition, a normalization ...), in one line naming it.
+    """
+    memo = graph.memo
+    if "dense_chain" in memo:
+        return memo["dense_chain"]
+    alias: dict[int, int] = {}
+
+    def resolve(a: int | Lit) -> int:
+        assert isinstance(a, int)  # operands that depend on the input are vars
+        while a in alias:
+            a = alias[a]
+        return a
+
+    delta_ids = set(graph.delta_vars.values())
+    steps: list[DenseStep] = []
+    pre: int | None = None  # the current layer's output (after its bias)
+    bias: int | Lit | None = None
+    for idx, node in enumerate(graph.nodes):
+        live = [j for j, a in enumerate(node.inputs)
+                if isinstance(a, int) and INPUT in graph.depends[a]]
+        if not live:
+            continue
+        out = node.outputs[0]
+        if node.name in _ALIAS:
+            alias[out] = resolve(node.inputs[0])
+            continue
+        others = [a for j, a in enumerate(node.inputs) if j not in live]
+        if node.name == "add" and len(live) == 1 and all(
+                isinstance(a, int) and a in delta_ids for a in others):
+            alias[out] = resolve(node.inputs[live[0]])
+            continue
+        if node.name == "dot_general":
+            (cl, cr), (bl, br) = node.params["dimension_numbers"]
+            k = node.inputs[1]
+            if (live != [0] or bl or br or tuple(cl) != (1,) or tuple(cr) != (0,)
+                    or not isinstance(k, int) or not graph.is_const(k)
+                    or len(graph.shape(k)) != 2 or len(graph.shape(node.inputs[0])) != 2):
+                raise _chain_error(node, "is not a dense layer x @ W with a constant W")
+            h = resolve(node.inputs[0])
+            if steps:
+                steps[-1] = dataclasses.replace(steps[-1], bias=bias,
+                                                activation=_activation_of(graph, h, pre))
+            elif h != graph.x_var:
+                raise _chain_error(node, "is not fed by the input")
+            site = next((n for n, v in graph.weight_vars.items() if v == _const_root(graph, k)),
+                        None)
+            steps.append(DenseStep(k, site, None, None, idx))
+            pre, bias = out, None
+            continue
+        if node.name == "add" and pre is not None and len(live) == 1 and bias is None \
+                and resolve(node.inputs[live[0]]) == pre:
+            b = node.inputs[1 - live[0]]
+            if isinstance(b, int) and not graph.is_const(b):
+                raise _chain_error(node, "adds a value that is not a constant bias")
+            bias, pre = b, out
+            continue
+        if node.name in _ELEMENTWISE and len(node.outputs) == 1 and pre is not None:
+            continue  # part of an activation; checked where the next layer reads it
+        raise _chain_error(node, "is neither a dense layer, a bias nor an elementwise "
+                           "activation")
+    if not steps:
+        raise GraphError("the weight-margin bound needs at least one dense layer")
+    outs = [resolve(o) for o in graph.outputs]
+    if outs != [pre]:
+        raise GraphError("the weight-margin bound needs the logits to be the last dense "
+                         "layer's output (no activation or softmax after it)")
+    steps[-1] = dataclasses.replace(steps[-1], bias=bias)
+    memo["dense_chain"] = tuple(steps)
+    return memo["dense_chain"]
+
+
+def _const_root(graph: Graph, v: int) -> int:
+    """``v`` with conversions and reshapes of a constant looked through."""
+    while v in graph.producer:
+        node = graph.nodes[graph.producer[v]]
+        if node.name in _ALIAS and isinstance(node.inputs[0], int):
+            v = node.inputs[0]
+        else:
+            break
+    return v
+
+
+def _activation_of(graph: Graph, h: int, pre: int | None) -> tuple[str, float, float]:
+    """(name, Lipschitz constant, |σ(0)|) of the elementwise map from ``pre`` to ``h``."""
+    if h == pre:
+        return ("identity", 1.0, 0.0)
+    node = graph.nodes[graph.producer[h]]
+    if _relu_pre(graph, h) == pre:
+        return ("relu", 1.0, 0.0)
+    if _root(graph, h) == pre:
+        if node.name in _SCALAR_LIPSCHITZ and node.inputs[0] == pre:
+            s0 = {"tanh": 0.0, "logistic": 0.5, "sin": 0.0, "cos": 1.0, "atan": 0.0,
+                  "erf": 0.0, "erfc": 1.0}[node.name]
+            return (node.name, _SCALAR_LIPSCHITZ[node.name], s0)
+        fp = _fingerprint(graph, h)
+        if fp is not None:
+            f = ACTIVATIONS[fp[0]][0]
+            with jax.ensure_compile_time_eval():
+                s0 = abs(float(f(jnp.zeros((), jnp.float32))))
+            return (fp[0], fp[1], s0)
+    raise _chain_error(node, "is not a recognized elementwise activation of the layer "
+                       "before (see jaxsens.graph.ACTIVATIONS)")

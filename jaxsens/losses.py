@@ -35,8 +35,11 @@ from jaxtyping import Array, Float, Int
 
 from . import montecarlo
 from . import noise as noise_lib
+from .bounds import FORMS, margin_chain, weight_margin_bound
 from .checks import positive_int
 from .estimators import sandwiches
+from .graph import GraphError, dense_chain
+from .graph import read as read_graph
 from .moments import METHODS, check_method, noisy_cross_entropy
 from .paths import param
 from .sites import INPUT, PureModel, Structure
@@ -48,6 +51,8 @@ __all__ = [
     "JacobianPenalty",
     "LinearizedPenalty",
     "ExpectedGaussianLoss",
+    "WeightMarginLoss",
+    "LinfNormPenalty",
     "WeightedSum",
     "total_loss",
     "term_names",
@@ -397,6 +402,104 @@ class ExpectedGaussianLoss(LossTerm):
                                    method=self.method, split_at=self.split_at)
 
 
+@dataclasses.dataclass(frozen=True)
+class WeightMarginLoss(LossTerm):
+    """The theory-driven term of the weight-perturbation margin bound.
+
+    ``variant="hinge"``: ``max_{j≠y} [Γ_j − (f_y − f_j)]_+``, positive while some
+    perturbation of the listed layers within the budget could change the prediction;
+    ``"raw"``: ``max_{j≠y} Γ_j``, the bound itself. Γ is
+    :func:`jaxsens.bounds.weight_margin_bound` (a sound form derived after Tsai et al.
+    2021, not the paper's constants). Add it to cross-entropy with a weight λ, and
+    :class:`LinfNormPenalty` with a weight μ: CE + λ·hinge + μ·Σ_k ‖W_k‖_∞. Deterministic
+    (``key`` is unused); differentiable and jit-compiled inside the training step.
+
+    Attributes:
+      eps: the budget (a scalar, or one value per listed layer).
+      layers: 0-based indices of the perturbed dense layers (default: all).
+      relative: budgets relative to each ``‖W_k‖_∞``.
+      form: ``"data"`` or ``"product"``.
+      variant: ``"hinge"`` or ``"raw"``.
+    """
+
+    eps: float | tuple[float, ...] = 0.01
+    layers: tuple[int, ...] | None = None
+    relative: bool = True
+    form: str = "data"
+    variant: str = "hinge"
+    name: ClassVar[str] = "weight_margin"
+
+    def __post_init__(self):
+        eps = self.eps if isinstance(self.eps, tuple | list) else (self.eps,)
+        if any(isinstance(e, bool) or not isinstance(e, int | float) or not math.isfinite(e)
+               or e < 0 for e in eps):
+            raise ValueError(f"weight_margin eps must be finite numbers >= 0, got {self.eps!r}")
+        if isinstance(self.eps, list):
+            object.__setattr__(self, "eps", tuple(self.eps))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(k) for k in self.layers))
+        if self.form not in FORMS:
+            raise ValueError(f"weight_margin form={self.form!r}; choose one of {list(FORMS)}")
+        if self.variant not in ("hinge", "raw"):
+            raise ValueError(f"weight_margin variant={self.variant!r}; choose 'hinge' or 'raw'")
+
+    def _layers(self, depth: int) -> tuple[int, ...]:
+        return tuple(range(depth)) if self.layers is None else tuple(self.layers)
+
+    def check(self, struct):
+        try:
+            steps = dense_chain(read_graph(struct))
+        except GraphError as err:
+            raise ValueError(f"weight_margin: {err}") from None
+        layers = self._layers(len(steps))
+        if any(k < 0 or k >= len(steps) for k in layers):
+            raise ValueError(f"weight_margin layers {list(layers)} out of range: the model has "
+                             f"{len(steps)} dense layers (0..{len(steps) - 1})")
+
+    def __call__(self, struct, params, rest, x, y, key):
+        del key
+        pm = PureModel(struct, params, rest)
+        x = _as_input(struct, x)
+        x = x.astype(_float_dtype(params, x))
+        depth = len(dense_chain(read_graph(struct, x.dtype)))
+        eps = jnp.asarray(self.eps) if isinstance(self.eps, tuple) else self.eps
+        form: Literal["data", "product"] = "data" if self.form == "data" else "product"
+        gamma = weight_margin_bound(pm, x, y, eps=eps, layers=self._layers(depth),
+                                    relative=self.relative, form=form)
+        true = jax.nn.one_hot(y, gamma.shape[1], dtype=bool)
+        if self.variant == "raw":
+            return jnp.max(jnp.where(true, 0.0, gamma), axis=1)
+        out = struct.apply(params, rest, x).reshape(x.shape[0], -1)
+        margins = jnp.take_along_axis(out, y[:, None], axis=1) - out
+        return jnp.max(jnp.where(true, 0.0, jnp.maximum(gamma - margins, 0.0)), axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinfNormPenalty(LossTerm):
+    """``Σ_k ‖W_k‖_∞`` over the model's dense layers (max row ℓ1 sum of ``W = Kᵀ``), the
+    same value for every example: the μ term of the theory-driven loss.
+
+    Attributes:
+      layers: 0-based indices of the dense layers to penalize (default: all).
+    """
+
+    layers: tuple[int, ...] | None = None
+    name: ClassVar[str] = "linf_norm"
+
+    def check(self, struct):
+        try:
+            dense_chain(read_graph(struct))
+        except GraphError as err:
+            raise ValueError(f"linf_norm: {err}") from None
+
+    def __call__(self, struct, params, rest, x, y, key):
+        del key, y
+        chain = margin_chain(PureModel(struct, params, rest))
+        layers = range(chain.depth) if self.layers is None else self.layers
+        total = sum(jnp.max(jnp.sum(jnp.abs(chain.kernels[k]), axis=0)) for k in layers)
+        return jnp.broadcast_to(jnp.asarray(total), (x.shape[0],))
+
+
 # --------------------------------------------------------------------------- combining
 def normalize_terms(
     terms: LossTerm | Sequence[tuple[float, LossTerm] | LossTerm],
@@ -530,6 +633,8 @@ LOSSES: dict[str, Callable[..., LossTerm]] = {
     "jacobian": JacobianPenalty,
     "linearized": LinearizedPenalty,
     "expected_gaussian": ExpectedGaussianLoss,
+    "weight_margin": WeightMarginLoss,
+    "linf_norm": LinfNormPenalty,
 }
 
 

@@ -22,6 +22,7 @@ LAYERS = {
     "linalg": 1, "quadrature": 1, "montecarlo": 1,
     "noise": 2, "models": 2, "sites": 2, "data": 2,
     "graph": 2.5,
+    "bounds": 3,
     "moments": 3, "schema": 3,
     "estimators": 4,
     "losses": 5,

@@ -254,3 +254,38 @@ def test_theory_loss_is_differentiable_and_trains(x64):
     with pytest.raises(ValueError, match="variant='soft'"):
         losses.make_loss("weight_margin", variant="soft")
     assert math.isfinite(float(loss(pm.params)))
+
+
+def test_certified_radius_brackets_the_certificate(x64):
+    model = _net(3, seed=6)
+    x, y = _data(6, 5, 4, seed=6)
+    pm = js.split(model)
+    pred = jnp.argmax(pm.apply(x), axis=1)
+    y = pred.at[0].set((pred[0] + 1) % 4)  # one misclassified example
+    r = np.asarray(bounds.certified_radius(model, x, y, layers=[0, 2]))
+    assert r[0] == 0 and np.all(r[1:] > 0)
+    for i in range(1, 6):
+        def cert(e, i=i):
+            return float(bounds.certified_accuracy(model, x[i:i + 1], y[i:i + 1], eps=e,
+                                                   layers=[0, 2], relative=True))
+        assert cert(r[i] * (1 - 1e-6)) == 1.0 and cert(r[i] * (1 + 1e-6)) == 0.0
+
+
+def test_generalization_term_matches_its_formula(x64):
+    model = _net(3, seed=8)
+    x, _ = _data(20, 5, 4, seed=8)
+    pm = js.split(model)
+    g0 = bounds.generalization_term(model, x)
+    g1 = bounds.generalization_term(model, x, eps=0.05, layers=[1], relative=False)
+    ks = [np.asarray(pm.param(f"layers/{i}/kernel")) for i in range(3)]
+    bs = [np.asarray(pm.param(f"layers/{i}/bias")) for i in range(3)]
+    radii = [np.sqrt((k**2).sum() + (b**2).sum() + (1.0 if i < 2 else 0.0))
+             for i, (k, b) in enumerate(zip(ks, bs, strict=True))]
+    bx = np.sqrt((np.asarray(x) ** 2).sum(axis=1).max() + 1)
+    want = bx * (np.sqrt(2 * 3 * np.log(2)) + 1) * np.prod(radii) / np.sqrt(20)
+    assert g0["complexity"] == pytest.approx(want, rel=1e-12)
+    radii[1] += np.sqrt(ks[1].shape[1]) * 0.05
+    assert g1["complexity"] == pytest.approx(
+        bx * (np.sqrt(2 * 3 * np.log(2)) + 1) * np.prod(radii) / np.sqrt(20), rel=1e-12)
+    with pytest.raises(ValueError, match="positive-homogeneous"):
+        bounds.generalization_term(_net(2, seed=0, activation="tanh"), x)

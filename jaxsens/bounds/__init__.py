@@ -14,6 +14,8 @@ from ._attack import weight_attack as weight_attack
 from ._margin import FORMS as FORMS
 from ._margin import MarginChain as MarginChain
 from ._margin import certified_accuracy as certified_accuracy
+from ._margin import certified_radius as certified_radius
+from ._margin import generalization_term as generalization_term
 from ._margin import layer_budgets as layer_budgets
 from ._margin import loss_change_bound as loss_change_bound
 from ._margin import margin_chain as margin_chain
@@ -24,6 +26,8 @@ __all__ = [
     "MarginChain",
     "accuracy_under_weight_noise",
     "certified_accuracy",
+    "certified_radius",
+    "generalization_term",
     "layer_budgets",
     "loss_change_bound",
     "margin_chain",

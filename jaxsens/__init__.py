@@ -19,6 +19,7 @@ from .estimators import ESTIMATORS as ESTIMATORS
 from .estimators import REGISTRY as REGISTRY
 from .estimators import Deviation as Deviation
 from .estimators import Profile as Profile
+from .estimators import attack as attack
 from .estimators import bound as bound
 from .estimators import linearized as linearized
 from .estimators import profile as profile

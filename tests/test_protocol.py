@@ -24,6 +24,7 @@ CALLS = {
     "linearized": dict(site="h1", noise=noise.RelativeNorm(0.1)),
     "bound": dict(site="h1", noise=noise.RelativeNorm(0.1)),
     "moments": dict(site="input", noise=noise.Absolute(0.1)),
+    "attack": dict(site="h1", noise=noise.RelativeNorm(0.1), steps=5),
 }
 
 
@@ -65,7 +66,7 @@ def test_registry_covers_every_estimator_with_one_call_shape(model):
         assert dev.law == CALLS[name]["noise"].describe()
         results[name] = dev
     # Deterministic estimators accept a key and ignore it.
-    for name in ("linearized", "bound", "moments"):
+    for name in ("linearized", "bound", "moments"):  # (the attack's key seeds its restarts)
         other = js.REGISTRY[name].call(model, x, key=jax.random.key(7), **CALLS[name])
         for a, b in zip(jax.tree.leaves(results[name]), jax.tree.leaves(other), strict=True):
             np.testing.assert_array_equal(a, b)
@@ -79,8 +80,9 @@ def test_every_deviation_has_one_tree_structure_and_stacks(model):
     structures = {jax.tree.structure(d) for d in devs}
     assert len(structures) == 1
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *devs)
-    assert stacked.mean.shape == (4, 3) and stacked.delta_cov.shape == (4, 3, 4, 4)
-    assert stacked.quantiles.shape == (4, 3, len(DEFAULT_QUANTILES))
+    n = len(CALLS)
+    assert stacked.mean.shape == (n, 3) and stacked.delta_cov.shape == (n, 3, 4, 4)
+    assert stacked.quantiles.shape == (n, 3, len(DEFAULT_QUANTILES))
     # Labels are not part of the tree: transformed results carry empty ones.
     assert stacked.estimator == ""
 
@@ -92,9 +94,10 @@ PRODUCED = {
     "linearized": {"mean", "rms", "delta_mean", "delta_cov", "factor"},
     "bound": {"upper"},
     "moments": {"mean", "rms", "delta_mean", "delta_cov"},
+    "attack": {"lower"},
 }
 FLOAT_FIELDS = ("mean", "rms", "stderr", "quantiles", "delta_mean", "delta_cov", "flip_rate",
-                "loss_change", "accuracy", "upper", "factor")
+                "loss_change", "accuracy", "upper", "lower", "factor")
 
 
 @pytest.mark.parametrize("name", list(CALLS))
@@ -182,10 +185,11 @@ def test_profile_is_a_table_with_site_level_estimator_axes(model):
     prof = js.profile(model, x, noise=law, levels=levels, key=jax.random.key(0),
                       sites=["input", "h0", "h1"], num_samples=64)
     assert isinstance(prof, js.Profile)
-    s, lv, e = 3, len(levels), len(js.ESTIMATORS)
+    s, lv, e = 3, len(levels), len(js.estimators.DEFAULT_ESTIMATORS)
     assert prof.deviation.mean.shape == (s, lv, e, 4)
     assert prof.deviation.delta_cov.shape == (s, lv, e, 4, 4, 4)
-    assert prof.estimators == js.ESTIMATORS and prof.sites == ("input", "h0", "h1")
+    assert prof.estimators == js.estimators.DEFAULT_ESTIMATORS
+    assert prof.sites == ("input", "h0", "h1")
     moments_col = prof.estimators.index("moments")
     assert [row[moments_col] for row in prof.present] == [True, False, False]
     skipped = prof.skipped()  # never dropped silently: what did not run, and why

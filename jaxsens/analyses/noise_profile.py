@@ -794,6 +794,13 @@ def _why(analysis: dict, recs: list[dict], sites: list[str], table: dict, at: fl
     return lines
 
 
+def _attack_cells(row: dict) -> str:
+    att, bnd = row.get("attack"), row.get("bound")
+    lower = att and att.get("lower")
+    ratio = (bnd["upper"] / lower) if bnd and lower else None
+    return f" {num(lower)} | {num(ratio, '{:.2f}')}{'×' if ratio else ''} |"
+
+
 def markdown(analysis: dict, figs: list[str]) -> str:
     """The table of sampled / predicted / bound per site and level, and the "why"."""
     recs = _measured(analysis["records"])
@@ -810,10 +817,13 @@ def markdown(analysis: dict, figs: list[str]) -> str:
     if at is not None:
         lines += [f"Headline level: {sym} = {at:g} ({noise_label(kind, law)}).", ""]
     has_mom = any(r["estimator"] == "moments" for r in recs)
+    has_att = any(r["estimator"] == "attack" for r in recs)
     lines += [
         f"| site | {sym} | sampled E‖ΔF‖ ± se | predicted | sampled/predicted | bound | "
-        "bound/sampled | accuracy | flip rate |" + (" moments (analytic) |" if has_mom else ""),
-        "|---|---|---|---|---|---|---|---|---|" + ("---|" if has_mom else ""),
+        "bound/sampled | accuracy | flip rate |" + (" moments (analytic) |" if has_mom else "")
+        + (" attack (worst found) | bound/attack |" if has_att else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if has_mom else "")
+        + ("---|---|" if has_att else ""),
     ]
     for s in sites:
         for lv in levels:
@@ -832,8 +842,15 @@ def markdown(analysis: dict, figs: list[str]) -> str:
                 f"{num(smp and smp.get('flip_rate'), '{:.3f}')} |"
                 + (f" {num(row['moments']['mean'])} |" if has_mom and "moments" in row
                    else (" – |" if has_mom else ""))
+                + (_attack_cells(row) if has_att else "")
             )
     lines.append("")
+    if has_att:
+        lines += ["The attack (projected gradient ascent on ‖ΔF‖ in the law's ball, from the "
+                  "top singular direction of the clean Jacobian) is a worst case from below, "
+                  "the bound one from above: attack ≤ max ‖ΔF‖ ≤ bound. bound/attack says how "
+                  "loose the certificate is; bound/sampled mixes a worst case with a typical "
+                  "one.", ""]
     lines += _why(analysis, recs, sites, table, at, kind, law)
     if at is not None and clean_acc is not None:
         accs = {s: table[(s, at)]["sampled"].get("accuracy") for s in sites

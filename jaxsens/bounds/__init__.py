@@ -19,6 +19,7 @@ from ._margin import generalization_term as generalization_term
 from ._margin import layer_budgets as layer_budgets
 from ._margin import loss_change_bound as loss_change_bound
 from ._margin import margin_chain as margin_chain
+from ._margin import output_linf_bound as output_linf_bound
 from ._margin import weight_margin_bound as weight_margin_bound
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "layer_budgets",
     "loss_change_bound",
     "margin_chain",
+    "output_linf_bound",
     "project_l1_ball",
     "random_weight_perturbation",
     "weight_attack",

@@ -50,6 +50,7 @@ __all__ = [
     "loss_change_bound",
     "certified_radius",
     "generalization_term",
+    "output_linf_bound",
     "FORMS",
 ]
 
@@ -183,21 +184,8 @@ def _log_gamma(chain: MarginChain, budgets, hidden_norms, x_norm, y, *, form: st
                input_eps) -> jax.Array:
     """log Γ per example and class ``(B, k)``; ``hidden_norms[k]`` is ``‖h_k‖_∞`` (B,)
     (``h_0 = x``) for the data form."""
-    d = chain.depth
-    a = [_linf(k) for k in chain.kernels]
-    log_eps = [_log(e) for e in budgets]
-    log_h = _log(x_norm)  # log ‖h_{k−1}‖_∞ (data) or its product-form bound
-    log_delta = _log(jnp.broadcast_to(jnp.asarray(input_eps, x_norm.dtype), x_norm.shape))
-    for k in range(d - 1):
-        lip = math.log(chain.lipschitz[k])
-        log_delta = lip + _logsum(_log(a[k] + budgets[k]) + log_delta, log_eps[k] + log_h)
-        if form == "data":
-            log_h = _log(hidden_norms[k + 1])
-        else:
-            b = chain.biases[k]
-            log_b = _log(jnp.max(jnp.abs(b))) if b is not None else -jnp.inf
-            log_h = _logsum(jnp.full_like(log_h, _log(chain.at_zero[k])),
-                            lip + _logsum(_log(a[k]) + log_h, jnp.full_like(log_h, log_b)))
+    log_delta, log_h = _log_delta_last(chain, budgets, hidden_norms, x_norm, form=form,
+                                       input_eps=input_eps)
     last = chain.kernels[-1]
     # ‖u_j‖_1 = ‖K[:, y] − K[:, j]‖_1 for every pair of classes.
     pair = jnp.sum(jnp.abs(last[:, :, None] - last[:, None, :]), axis=0)  # (k, k)
@@ -207,6 +195,60 @@ def _log_gamma(chain: MarginChain, budgets, hidden_norms, x_norm, y, *, form: st
                     _log(2 * e_d) + log_h[:, None])
     k = last.shape[1]
     return jnp.where(jax.nn.one_hot(y, k, dtype=bool), -jnp.inf, log_g)
+
+
+def _log_delta_last(chain: MarginChain, budgets, hidden_norms, x_norm, *, form: str,
+                    input_eps) -> tuple[jax.Array, jax.Array]:
+    """(log δ_{d−1}, log ‖h_{d−1}‖_∞ or its bound) per example: the recursion up to the
+    last layer's input."""
+    a = [_linf(k) for k in chain.kernels]
+    log_eps = [_log(e) for e in budgets]
+    log_h = _log(x_norm)
+    log_delta = _log(jnp.broadcast_to(jnp.asarray(input_eps, x_norm.dtype), x_norm.shape))
+    for k in range(chain.depth - 1):
+        lip = math.log(chain.lipschitz[k])
+        log_delta = lip + _logsum(_log(a[k] + budgets[k]) + log_delta, log_eps[k] + log_h)
+        if form == "data":
+            log_h = _log(hidden_norms[k + 1])
+        else:
+            b = chain.biases[k]
+            log_b = _log(jnp.max(jnp.abs(b))) if b is not None else -jnp.inf
+            log_h = _logsum(jnp.full_like(log_h, _log(chain.at_zero[k])),
+                            lip + _logsum(_log(a[k]) + log_h, jnp.full_like(log_h, log_b)))
+    return log_delta, log_h
+
+
+def output_linf_bound(model, x, *, eps, layers: Sequence[int], relative: bool = False,
+                      form: Literal["data", "product"] = "data",
+                      input_eps: float = 0.0) -> Float[Array, " batch"]:
+    """A certified bound on ``‖f(Ŵ, x̂) − f(W, x)‖_∞`` under the same perturbations as
+    :func:`weight_margin_bound`: ``(a_d + ε̄_d) δ_{d−1} + ε̄_d ‖h_{d−1}‖_∞``.
+
+    Args:
+      model: a dense-chain model.
+      x: inputs ``(batch, ...)``.
+      eps: the budget (scalar or per listed layer).
+      layers: the perturbed dense layers.
+      relative: budgets relative to ``‖W_k‖_∞``.
+      form: ``"data"`` or ``"product"``.
+      input_eps: a joint ℓ∞ input radius.
+
+    Returns:
+      ``(batch,)`` bounds on the largest change of any output.
+    """
+    pm = split(model)
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        x = x.astype(jnp.float32)
+    chain = margin_chain(pm)
+    budgets = layer_budgets(chain, eps, layers, relative=relative)
+    xf = x.reshape(x.shape[0], -1)
+    norms = _hidden_norms(pm, x) if form == "data" else None
+    log_delta, log_h = _log_delta_last(chain, budgets, norms, jnp.max(jnp.abs(xf), axis=-1),
+                                       form=form, input_eps=input_eps)
+    e_d = budgets[-1]
+    return jnp.exp(_logsum(_log(_linf(chain.kernels[-1]) + e_d) + log_delta,
+                           _log(e_d) + log_h))
 
 
 def _hidden_norms(pm: PureModel, x: jax.Array) -> list[jax.Array]:

@@ -7,6 +7,7 @@ does no tracing and no host synchronisation. :data:`REGISTRY` maps names to them
 """
 
 from ..quadrature import gaussian_norm_mean as gaussian_norm_mean
+from ._attack import attack as attack
 from ._bound import bound as bound
 from ._common import check_inputs as check_inputs
 from ._deviation import DEFAULT_QUANTILES as DEFAULT_QUANTILES
@@ -17,6 +18,7 @@ from ._linearized import sandwiches as sandwiches
 from ._moments import moments as moments
 from ._profile import Profile as Profile
 from ._profile import profile as profile
+from ._registry import DEFAULT_ESTIMATORS as DEFAULT_ESTIMATORS
 from ._registry import ESTIMATORS as ESTIMATORS
 from ._registry import REGISTRY as REGISTRY
 from ._registry import Estimator as Estimator

@@ -17,6 +17,7 @@ from jaxtyping import Array, Float
 
 from .. import graph as graph_lib
 from .. import noise as noise_lib
+from ..bounds import output_linf_bound
 from ..paths import param
 from ..sites import INPUT, Adapter, PureModel, Structure
 from ._common import check_inputs, compiled_kernel, input_dtype
@@ -102,6 +103,18 @@ def check_site(struct: Structure, site: str) -> None:
         raise ValueError(reason)
 
 
+def _margin_layer(struct: Structure, site: str, law) -> int | None:
+    """The dense-layer index of ``site`` when ``law`` is ℓ∞-operator weight noise and the
+    model is a dense chain (see :mod:`jaxsens.bounds`), else ``None``."""
+    if not (isinstance(law, noise_lib.WeightRelative) and law.norm == "linf"):
+        return None
+    try:
+        steps = graph_lib.dense_chain(graph_lib.read(struct))
+    except graph_lib.GraphError:
+        return None
+    return next((i for i, st in enumerate(steps) if st.site == site), None)
+
+
 def _radius_flag(law, info) -> bool:
     """The law's static almost-sure flag for this site (no computation)."""
     method = law.operator_radius if info.kind == "weight" and len(info.shape) >= 2 \
@@ -139,6 +152,13 @@ def bound_body(struct: Structure, params, rest, x, law, lips, *, site: str,
         w = param(params, info.path)
         radius, _ = law.operator_radius(w) if w.ndim >= 2 else law.radius(w)
         upper = jnp.broadcast_to(lip * radius, (batch,))
+        layer = _margin_layer(struct, site, law)
+        if layer is not None:
+            # ℓ∞-operator weight noise in a dense chain: the margin theory's recursion
+            # bounds ‖ΔF‖_∞; ‖ΔF‖₂ ≤ √k ‖ΔF‖_∞. Both bounds hold: keep the smaller.
+            linf = output_linf_bound(PureModel(struct, params, rest), x, eps=law.level,
+                                     layers=[layer], relative=True)
+            upper = jnp.minimum(upper, math.sqrt(k) * linf.astype(upper.dtype))
     else:
         v = x if site == INPUT else values[site]
         upper = lip * jax.vmap(lambda vv: law.radius(vv)[0])(v)
@@ -167,7 +187,9 @@ def bound(
     convolutions a certified bound, activations their constants (gelu 1.129, silu 1.1,
     tanh 1, sigmoid ¼ ...), inference-mode normalization its largest scale, pooling its
     window overlap, and residual additions the sum of their branches' constants. Weight
-    site W: ‖ΔF‖ ≤ L · ‖Δ‖₂ · ‖h_in‖, with h_in the layer's input. Operations without a
+    site W: ‖ΔF‖ ≤ L · ‖Δ‖₂ · ‖h_in‖, with h_in the layer's input; for ℓ∞-operator weight
+    noise in a chain of dense layers, also √k times the margin theory's bound on ‖ΔF‖_∞
+    (:func:`jaxsens.bounds.output_linf_bound`), whichever is smaller. Operations without a
     global Lipschitz constant (attention, LayerNorm) are refused in one line. ‖η‖ (or
     ‖Δ‖₂) comes from the law: exact for bounded laws
     (``almost_sure=True``: the bound holds for every draw), the root mean square for

@@ -20,7 +20,7 @@ DEFAULT_QUANTILES: tuple[float, ...] = (0.05, 0.5, 0.95)
 # Every field below is an array in every result, whatever the estimator.
 DATA_FIELDS = (
     "mean", "rms", "stderr", "quantiles", "delta_mean", "delta_cov", "flip_rate",
-    "loss_change", "accuracy", "upper", "factor", "quantile_levels", "num_samples",
+    "loss_change", "accuracy", "upper", "lower", "factor", "quantile_levels", "num_samples",
     "almost_sure", "mean_exact",
 )
 _LABELS = ("estimator", "site", "law", "precision")
@@ -59,6 +59,8 @@ class Deviation:
         labels).
       upper: ``(B,)`` certified bound on ‖ΔF‖ (bound): for every draw when
         ``almost_sure``, else on the root mean square (Gaussian laws).
+      lower: ``(B,)`` the largest ‖ΔF‖ an attack found within the law's ball (attack):
+        the lower end of the worst-case bracket lower ≤ max ‖ΔF‖ ≤ upper.
       factor: ``(B,)`` sensitivity factor ‖v‖·‖J‖_F/√n of the site (linearized).
       quantile_levels: ``(q,)`` the levels of ``quantiles``.
       num_samples: ``()`` Monte Carlo draws per example (0 for deterministic estimators).
@@ -82,6 +84,7 @@ class Deviation:
     loss_change: jax.Array
     accuracy: jax.Array
     upper: jax.Array
+    lower: jax.Array
     factor: jax.Array
     quantile_levels: jax.Array
     num_samples: jax.Array
@@ -96,8 +99,8 @@ class Deviation:
         """One line: the labels, then shape and batch mean of each produced quantity."""
         labels = ", ".join(f"{k}={getattr(self, k)!r}" for k in _LABELS if getattr(self, k))
         parts = []
-        for name in ("mean", "rms", "stderr", "upper", "factor", "flip_rate", "accuracy",
-                     "loss_change", "delta_cov"):
+        for name in ("mean", "rms", "stderr", "upper", "lower", "factor", "flip_rate",
+                     "accuracy", "loss_change", "delta_cov"):
             value = getattr(self, name)
             try:
                 arr = np.asarray(value)
@@ -169,7 +172,7 @@ def deviation(
     shapes = {
         "mean": (batch,), "rms": (batch,), "stderr": (batch,), "quantiles": (batch, q),
         "delta_mean": (batch, k), "delta_cov": (batch, k, k), "flip_rate": (batch,),
-        "loss_change": (batch,), "accuracy": (batch,), "upper": (batch,),
+        "loss_change": (batch,), "accuracy": (batch,), "upper": (batch,), "lower": (batch,),
         "factor": (batch,),
     }
     unknown = set(given) - set(shapes)

@@ -16,6 +16,7 @@ from jaxtyping import Array, Float, Int
 from .. import noise as noise_lib
 from ..moments import METHODS, check_method
 from ..sites import INPUT, PureModel
+from ._attack import check_attack_law
 from ._bound import bound_applies, check_site, lipschitz_constants
 from ._common import (
     as_input,
@@ -29,7 +30,7 @@ from ._common import (
 from ._deviation import DEFAULT_QUANTILES, Deviation
 from ._linearized import example_chunk
 from ._moments import check_moments
-from ._registry import ESTIMATORS, REGISTRY, TableArgs, TableOptions
+from ._registry import DEFAULT_ESTIMATORS, ESTIMATORS, REGISTRY, TableArgs, TableOptions
 from ._sampled import check_options
 
 __all__ = ["Profile", "profile"]
@@ -103,7 +104,7 @@ class Profile:
         """Flat records, one per (site, level, estimator) present: batch averages.
 
         Keys: ``site, kind, level, estimator, law, num_examples, num_samples, mean, rms,
-        stderr, flip_rate, loss_change, accuracy, upper, factor`` and ``qNN`` quantile
+        stderr, flip_rate, loss_change, accuracy, upper, lower, factor`` and ``qNN`` quantile
         columns (rms: root mean square over the batch; stderr: of the batch mean; NaN
         where an estimator does not produce a field).
         """
@@ -136,7 +137,7 @@ class Profile:
                         row["stderr"] = float(np.sqrt(np.sum(np.square(get("stderr"))))
                                               / batch)
                         for f in ("flip_rate", "loss_change", "accuracy", "upper",
-                                  "factor"):
+                                  "lower", "factor"):
                             row[f] = float(np.mean(get(f)))
                         if name == "sampled":
                             qs = np.mean(get("quantiles"), axis=0)
@@ -179,7 +180,7 @@ def _stack(devs):
 def _reasons(struct, estimator: str, plan) -> tuple[str, ...]:
     """Per site, why ``estimator`` cannot run there ("" where it can)."""
     out = []
-    for site, _ in plan:
+    for site, law in plan:
         reason = ""
         if estimator == "bound":
             try:
@@ -188,6 +189,8 @@ def _reasons(struct, estimator: str, plan) -> tuple[str, ...]:
                 reason = str(err)
         elif estimator == "moments" and site != INPUT:
             reason = "the analytic moments propagate input noise only (site 'input')"
+        elif estimator == "attack":
+            reason = check_attack_law(law, struct.site(site))
         out.append(reason)
     return tuple(out)
 
@@ -202,7 +205,7 @@ def profile(
     sites: Sequence[str] | None = None,
     weight_noise: noise_lib.NoiseLaw | None = None,
     weight_sites: Sequence[str] | None = None,
-    estimators: Sequence[str] = ESTIMATORS,
+    estimators: Sequence[str] = DEFAULT_ESTIMATORS,
     num_samples: int = 256,
     labels: Int[Array, " batch"] | None = None,
     chunk_size: int | None = None,
@@ -278,6 +281,8 @@ def profile(
     else:
         sample_chunk, qlevels = 1, tuple(float(q) for q in quantiles)
     labels = check_labels(labels, batch)
+    if key is None and "attack" in estimators:
+        key = jax.random.key(0)  # the attack's random restarts
     act_sites = tuple(sites) if sites is not None else struct.activation_sites
     plan: list[tuple[str, noise_lib.NoiseLaw]] = [(s, noise) for s in act_sites]
     if weight_noise is not None:

@@ -10,13 +10,15 @@ import jax
 
 from .. import noise as noise_lib
 from ..sites import Structure
+from ._attack import attack, attack_table
 from ._bound import bound, bound_table
 from ._deviation import Deviation
 from ._linearized import linearized, linearized_table
 from ._moments import moments, moments_table
 from ._sampled import sampled, sampled_table
 
-__all__ = ["Estimator", "EstimatorSpec", "TableArgs", "TableOptions", "REGISTRY", "ESTIMATORS"]
+__all__ = ["Estimator", "EstimatorSpec", "TableArgs", "TableOptions", "REGISTRY", "ESTIMATORS",
+           "DEFAULT_ESTIMATORS"]
 
 
 class Estimator(Protocol):
@@ -99,6 +101,11 @@ def _bound(a: TableArgs, o: TableOptions):
                        sites=o.sites, qlevels=o.qlevels)
 
 
+def _attack(a: TableArgs, o: TableOptions):
+    return attack_table(a.struct, a.params, a.rest, a.x, a.laws, a.levels, a.key,
+                        sites=o.sites, qlevels=o.qlevels)
+
+
 def _moments(a: TableArgs, o: TableOptions):
     return moments_table(a.struct, a.params, a.rest, a.x, a.laws, a.levels, sites=o.sites,
                          method=o.method, split_at=o.split_at, qlevels=o.qlevels)
@@ -114,9 +121,16 @@ REGISTRY: dict[str, EstimatorSpec] = {
                       "certified Lipschitz bound on ‖ΔF‖, read from the model's graph"),
         EstimatorSpec("moments", moments, _moments, False,
                       "analytic moments under Gaussian input noise (Bibi et al. 2018)"),
+        EstimatorSpec("attack", attack, _attack, False,
+                      "projected gradient ascent on ‖ΔF‖ in the law's ball: the worst case "
+                      "from below"),
     )
 }
 """Every estimator by name; :func:`jaxsens.profile` loops over it."""
 
 ESTIMATORS: tuple[str, ...] = tuple(REGISTRY)
 """The registered estimator names, in profile order."""
+
+DEFAULT_ESTIMATORS: tuple[str, ...] = ("sampled", "linearized", "bound", "moments")
+"""What :func:`jaxsens.profile` runs unless told otherwise (the attack, an optimization
+per example, is asked for by name)."""

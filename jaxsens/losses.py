@@ -51,6 +51,7 @@ __all__ = [
     "JacobianPenalty",
     "LinearizedPenalty",
     "ExpectedGaussianLoss",
+    "AdversarialInputLoss",
     "WeightMarginLoss",
     "LinfNormPenalty",
     "WeightedSum",
@@ -403,6 +404,52 @@ class ExpectedGaussianLoss(LossTerm):
 
 
 @dataclasses.dataclass(frozen=True)
+class AdversarialInputLoss(LossTerm):
+    """Cross-entropy at an ℓ∞ adversarial input (projected gradient ascent, Madry et al.).
+
+    δ* ≈ argmax_{‖δ‖_∞ ≤ eps} CE(F(x + δ), y) by ``steps`` signed-gradient steps of size
+    ``step_size · eps`` from a uniform random start (``key``); the loss is CE(F(x + δ*), y)
+    with δ* held fixed (no gradient through the inner maximization). Input-adversarial
+    training, to compare with the weight-perturbation theory under weight attacks.
+
+    Attributes:
+      eps: the ℓ∞ radius, in the input's (normalized) units.
+      steps: ascent steps.
+      step_size: each step's size as a fraction of ``eps``.
+    """
+
+    eps: float = 0.1
+    steps: int = 5
+    step_size: float = 0.4
+    name: ClassVar[str] = "adversarial"
+
+    def __post_init__(self):
+        for field, value in (("eps", self.eps), ("step_size", self.step_size)):
+            if (isinstance(value, bool) or not isinstance(value, int | float)
+                    or not math.isfinite(value) or value < 0):
+                raise ValueError(f"adversarial {field} must be a finite number >= 0, got "
+                                 f"{value!r}")
+        positive_int("adversarial steps", self.steps)
+
+    def __call__(self, struct, params, rest, x, y, key):
+        x = _as_input(struct, x)
+        x = x.astype(_float_dtype(params, x))
+
+        def ce(xx):
+            return optax.softmax_cross_entropy_with_integer_labels(
+                _flat_logits(struct, jax.lax.stop_gradient(params), rest, xx), y)
+
+        delta = self.eps * jax.random.uniform(key, x.shape, x.dtype, -1.0, 1.0)
+        grad = jax.grad(lambda d: jnp.sum(ce(x + d)))
+        for _ in range(self.steps):
+            delta = jnp.clip(delta + self.step_size * self.eps * jnp.sign(grad(delta)),
+                             -self.eps, self.eps)
+        x_adv = x + jax.lax.stop_gradient(delta)
+        return optax.softmax_cross_entropy_with_integer_labels(
+            _flat_logits(struct, params, rest, x_adv), y)
+
+
+@dataclasses.dataclass(frozen=True)
 class WeightMarginLoss(LossTerm):
     """The theory-driven term of the weight-perturbation margin bound.
 
@@ -633,6 +680,7 @@ LOSSES: dict[str, Callable[..., LossTerm]] = {
     "jacobian": JacobianPenalty,
     "linearized": LinearizedPenalty,
     "expected_gaussian": ExpectedGaussianLoss,
+    "adversarial": AdversarialInputLoss,
     "weight_margin": WeightMarginLoss,
     "linf_norm": LinfNormPenalty,
 }

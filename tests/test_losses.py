@@ -330,3 +330,35 @@ def test_law_that_does_not_apply_to_the_site_is_rejected():
     with pytest.raises(ValueError, match="not a site of this model"):
         _call(losses.JacobianPenalty(site="h9"), pm.structure, pm.params, pm.rest, x, y,
               jax.random.key(0))
+
+
+def test_adversarial_input_loss_ascends_and_holds_the_attack_fixed(x64):
+    from jaxsens import losses as L
+
+    model = js.models.MLP(6, [8], 3, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+    pm = js.split(model)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((16, 6)))
+    y = jnp.asarray(rng.integers(0, 3, 16), jnp.int32)
+    key = jax.random.key(1)
+    ce = L.CrossEntropy()(pm.structure, pm.params, pm.rest, x, y, key)
+    zero = L.make_loss("adversarial", eps=0.0)(pm.structure, pm.params, pm.rest, x, y, key)
+    np.testing.assert_allclose(zero, ce, rtol=1e-12)
+    term = L.make_loss("adversarial", eps=0.3, steps=10)
+    adv = term(pm.structure, pm.params, pm.rest, x, y, key)
+    assert np.all(np.asarray(adv) >= np.asarray(ce) - 1e-12) and float(jnp.mean(adv - ce)) > 0
+    # Its gradient is CE's at the (fixed) adversarial inputs: no gradient through δ*.
+    def ce_at(p, xx):
+        return L.CrossEntropy()(pm.structure, p, pm.rest, xx, y, key)
+
+    delta = 0.3 * jax.random.uniform(key, x.shape, x.dtype, -1.0, 1.0)
+    for _ in range(10):
+        step = jnp.sign(jax.grad(lambda d: jnp.sum(ce_at(pm.params, x + d)))(delta))
+        delta = jnp.clip(delta + 0.4 * 0.3 * step, -0.3, 0.3)
+    np.testing.assert_allclose(adv, ce_at(pm.params, x + delta), rtol=1e-12)
+    g = jax.grad(lambda p: jnp.mean(term(pm.structure, p, pm.rest, x, y, key)))(pm.params)
+    want = jax.grad(lambda p: jnp.mean(ce_at(p, x + delta)))(pm.params)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14)
+    with pytest.raises(ValueError, match="adversarial eps must be a finite number >= 0"):
+        L.make_loss("adversarial", eps=-1.0)

@@ -11,6 +11,7 @@ from . import graph as graph
 from . import losses as losses
 from . import models as models
 from . import moments as moments
+from . import nin as nin
 from . import noise as noise
 from . import precision as precision
 from . import sites as sites

@@ -26,6 +26,7 @@ LAYERS = {
     "moments": 3, "schema": 3,
     "estimators": 4,
     "losses": 5,
+    "nin": 5.5,
     "train": 6,
     "analyses": 7,
     "config": 8, "report": 8,

@@ -17,6 +17,8 @@ from . import (
     gaussian_attack,
     interclass_confusion,
     moments_tightness,
+    nin_phases,
+    nin_regularization,
     noise_profile,
     sensitivity_map,
     weight_norms,
@@ -34,6 +36,8 @@ KINDS: dict[str, AnalysisKind] = {
         gaussian_attack.KIND,
         weight_norms.KIND,
         interclass_confusion.KIND,
+        nin_phases.KIND,
+        nin_regularization.KIND,
     )
 }
 """Every experiment kind by name."""

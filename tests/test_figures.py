@@ -213,6 +213,9 @@ SPECS = [
     {"kind": "gaussian_attack", "name": "attack", "budget": 1.0, "steps": 4, "samples": 32,
      "examples": 8},
     {"kind": "weight_norms", "name": "norms"},
+    {"kind": "weight_margin", "name": "margin", "levels": [0.001, 0.003, 0.01, 0.03, 0.1],
+     "examples": 8, "attack_examples": 3, "samples": 3, "attack_steps": 3,
+     "attack_restarts": 0},
 ]
 
 

@@ -21,6 +21,7 @@ from . import (
     nin_regularization,
     noise_profile,
     sensitivity_map,
+    weight_margin,
     weight_norms,
 )
 from ._base import AnalysisConfig as AnalysisConfig
@@ -38,6 +39,7 @@ KINDS: dict[str, AnalysisKind] = {
         interclass_confusion.KIND,
         nin_phases.KIND,
         nin_regularization.KIND,
+        weight_margin.KIND,
     )
 }
 """Every experiment kind by name."""

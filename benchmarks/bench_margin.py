@@ -45,6 +45,8 @@ def configurations():
         "+ μ·linf_norm": (ce, linf),
         "+ λ·weight_margin + μ·linf_norm": (ce, margin, linf),
         "same, product-form Γ": (ce, product, linf),
+        "theory (one term, one forward)": (
+            (1.0, losses.TheoryLoss(eps=0.01, lam=0.3, mu=0.01)),),
     }
 
 

@@ -35,7 +35,7 @@ from jaxtyping import Array, Float, Int
 
 from . import montecarlo
 from . import noise as noise_lib
-from .bounds import FORMS, margin_chain, weight_margin_bound
+from .bounds import FORMS, margin_bound_and_logits, margin_chain
 from .checks import positive_int
 from .estimators import sandwiches
 from .graph import GraphError, dense_chain
@@ -54,6 +54,7 @@ __all__ = [
     "AdversarialInputLoss",
     "WeightMarginLoss",
     "LinfNormPenalty",
+    "TheoryLoss",
     "WeightedSum",
     "total_loss",
     "term_names",
@@ -508,17 +509,81 @@ class WeightMarginLoss(LossTerm):
         pm = PureModel(struct, params, rest)
         x = _as_input(struct, x)
         x = x.astype(_float_dtype(params, x))
-        depth = len(dense_chain(read_graph(struct, x.dtype)))
+        return self.penalty(pm, x, y)[0]
+
+    def penalty(self, pm: PureModel, x, y) -> tuple[jax.Array, jax.Array]:
+        """``(per-example penalty, logits)`` from one forward pass."""
+        depth = len(dense_chain(read_graph(pm.structure, x.dtype)))
         eps = jnp.asarray(self.eps) if isinstance(self.eps, tuple) else self.eps
         form: Literal["data", "product"] = "data" if self.form == "data" else "product"
-        gamma = weight_margin_bound(pm, x, y, eps=eps, layers=self._layers(depth),
-                                    relative=self.relative, form=form)
+        gamma, out = margin_bound_and_logits(pm, x, y, eps=eps, layers=self._layers(depth),
+                                             relative=self.relative, form=form)
         true = jax.nn.one_hot(y, gamma.shape[1], dtype=bool)
         if self.variant == "raw":
-            return jnp.max(jnp.where(true, 0.0, gamma), axis=1)
-        out = struct.apply(params, rest, x).reshape(x.shape[0], -1)
+            return jnp.max(jnp.where(true, 0.0, gamma), axis=1), out
         margins = jnp.take_along_axis(out, y[:, None], axis=1) - out
-        return jnp.max(jnp.where(true, 0.0, jnp.maximum(gamma - margins, 0.0)), axis=1)
+        return jnp.max(jnp.where(true, 0.0, jnp.maximum(gamma - margins, 0.0)), axis=1), out
+
+
+@dataclasses.dataclass(frozen=True)
+class TheoryLoss(LossTerm):
+    """The whole theory-driven loss in one term, from one forward pass:
+    ``CE + lam · weight_margin + mu · Σ_k ‖W_k‖_∞``.
+
+    The same value as the three terms ``cross_entropy``, ``(lam, weight_margin)`` and
+    ``(mu, linf_norm)`` in a loss list, without the extra forward passes of separate terms
+    (the hinge needs the clean logits, which cross-entropy also computes).
+
+    Attributes:
+      eps: the budget (a scalar, or one value per listed layer).
+      layers: 0-based indices of the perturbed dense layers (default: all).
+      relative: budgets relative to each ``‖W_k‖_∞``.
+      form: ``"data"`` or ``"product"``.
+      variant: ``"hinge"`` or ``"raw"``.
+      lam: the weight of the margin term.
+      mu: the weight of the norm penalty.
+    """
+
+    eps: float | tuple[float, ...] = 0.01
+    layers: tuple[int, ...] | None = None
+    relative: bool = True
+    form: str = "data"
+    variant: str = "hinge"
+    lam: float = 1.0
+    mu: float = 0.0
+    name: ClassVar[str] = "theory"
+
+    def _margin(self) -> WeightMarginLoss:
+        return WeightMarginLoss(eps=self.eps, layers=self.layers, relative=self.relative,
+                                form=self.form, variant=self.variant)
+
+    def __post_init__(self):
+        self._margin()  # validates the shared fields
+        for field, value in (("lam", self.lam), ("mu", self.mu)):
+            if (isinstance(value, bool) or not isinstance(value, int | float)
+                    or not math.isfinite(value) or value < 0):
+                raise ValueError(f"theory {field} must be a finite number >= 0, got {value!r}")
+        if isinstance(self.eps, list):
+            object.__setattr__(self, "eps", tuple(self.eps))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(k) for k in self.layers))
+
+    def check(self, struct):
+        self._margin().check(struct)
+
+    def __call__(self, struct, params, rest, x, y, key):
+        del key
+        pm = PureModel(struct, params, rest)
+        x = _as_input(struct, x)
+        x = x.astype(_float_dtype(params, x))
+        hinge, logits = self._margin().penalty(pm, x, y)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        total = ce + self.lam * hinge
+        if self.mu:
+            chain = margin_chain(pm)
+            total = total + self.mu * sum(jnp.max(jnp.sum(jnp.abs(k), axis=0))
+                                          for k in chain.kernels)
+        return total
 
 
 @dataclasses.dataclass(frozen=True)
@@ -683,6 +748,7 @@ LOSSES: dict[str, Callable[..., LossTerm]] = {
     "adversarial": AdversarialInputLoss,
     "weight_margin": WeightMarginLoss,
     "linf_norm": LinfNormPenalty,
+    "theory": TheoryLoss,
 }
 
 

@@ -306,3 +306,22 @@ def test_bound_estimator_uses_the_margin_recursion_for_linf_weight_noise(x64):
         s = js.sampled(model, x, site=site, noise=law, key=jax.random.key(layer),
                        num_samples=300, quantiles=(1.0,))
         assert np.all(np.asarray(s.quantiles[:, 0]) <= b * (1 + 1e-9))
+
+
+def test_fused_theory_loss_equals_its_three_terms(x64):
+    model = _net(3, seed=10)
+    x, y = _data(8, 5, 4, seed=10)
+    pm = js.split(model)
+    key = jax.random.key(0)
+    fused = losses.make_loss("theory", eps=0.02, layers=[0, 2], lam=0.3, mu=0.01)
+    fused.check(pm.structure)
+    parts = [(1.0, losses.make_loss("cross_entropy")),
+             (0.3, losses.make_loss("weight_margin", eps=0.02, layers=[0, 2])),
+             (0.01, losses.make_loss("linf_norm"))]
+    want = sum(w * t(pm.structure, pm.params, pm.rest, x, y, key) for w, t in parts)
+    got = fused(pm.structure, pm.params, pm.rest, x, y, key)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    check_grads(lambda p: jnp.mean(fused(pm.structure, p, pm.rest, x, y, key)), (pm.params,),
+                order=1, modes=["rev"])
+    with pytest.raises(ValueError, match="theory lam must be a finite number >= 0"):
+        losses.make_loss("theory", lam=-1.0)

@@ -18,6 +18,7 @@ from ._margin import certified_radius as certified_radius
 from ._margin import generalization_term as generalization_term
 from ._margin import layer_budgets as layer_budgets
 from ._margin import loss_change_bound as loss_change_bound
+from ._margin import margin_bound_and_logits as margin_bound_and_logits
 from ._margin import margin_chain as margin_chain
 from ._margin import output_linf_bound as output_linf_bound
 from ._margin import weight_margin_bound as weight_margin_bound
@@ -31,6 +32,7 @@ __all__ = [
     "generalization_term",
     "layer_budgets",
     "loss_change_bound",
+    "margin_bound_and_logits",
     "margin_chain",
     "output_linf_bound",
     "project_l1_ball",

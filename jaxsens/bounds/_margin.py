@@ -51,6 +51,7 @@ __all__ = [
     "certified_radius",
     "generalization_term",
     "output_linf_bound",
+    "margin_bound_and_logits",
     "FORMS",
 ]
 
@@ -249,6 +250,50 @@ def output_linf_bound(model, x, *, eps, layers: Sequence[int], relative: bool = 
     e_d = budgets[-1]
     return jnp.exp(_logsum(_log(_linf(chain.kernels[-1]) + e_d) + log_delta,
                            _log(e_d) + log_h))
+
+
+def _norms_and_logits(pm: PureModel, x: jax.Array) -> tuple[list[jax.Array], jax.Array]:
+    """:func:`_hidden_norms` and the flattened logits, from the same forward pass."""
+    g = graph_lib.read(pm.structure, x.dtype)
+    steps = graph_lib.dense_chain(g)
+    weights, rest = graph_lib.state_arrays(pm.structure, pm.params, pm.rest)
+    capture = [v for v in (g.nodes[s.node].inputs[0] for s in steps) if isinstance(v, int)]
+
+    def one(x1):
+        env = graph_lib.evaluate(g, weights, rest, x1[None], capture=capture)
+        out = jnp.concatenate([env[o].reshape(-1) for o in g.outputs])
+        return [jnp.max(jnp.abs(env[v])) for v in capture], out
+
+    norms, logits = jax.vmap(one)(x.reshape(x.shape[0], *pm.input_shape))
+    return list(norms), logits
+
+
+def margin_bound_and_logits(model, x, y, *, eps, layers: Sequence[int], relative: bool = False,
+                            form: Literal["data", "product"] = "data"
+                            ) -> tuple[Float[Array, "batch k"], Float[Array, "batch k"]]:
+    """:func:`weight_margin_bound` and the clean logits, from one forward pass (what a
+    training loss needs).
+
+    Args:
+      model: a dense-chain model.
+      x: inputs ``(batch, ...)``.
+      y: integer labels.
+      eps: the budget (scalar or per listed layer).
+      layers: the perturbed dense layers.
+      relative: budgets relative to ``‖W_k‖_∞``.
+      form: ``"data"`` or ``"product"``.
+
+    Returns:
+      ``(Γ, logits)``, both ``(batch, num_classes)``.
+    """
+    pm, x, y = _prepare(model, x, y)
+    chain = margin_chain(pm)
+    budgets = layer_budgets(chain, eps, layers, relative=relative)
+    norms, logits = _norms_and_logits(pm, x)
+    x_norm = jnp.max(jnp.abs(x.reshape(x.shape[0], -1)), axis=-1)
+    log_g = _log_gamma(chain, budgets, norms if form == "data" else None, x_norm, y,
+                       form=form, input_eps=0.0)
+    return jnp.exp(log_g), logits
 
 
 def _hidden_norms(pm: PureModel, x: jax.Array) -> list[jax.Array]:

@@ -16,6 +16,7 @@ import jax
 import yaml
 
 from . import __version__
+from . import devices as devices_lib
 from .config import (
     ConfigError,
     apply_overrides,
@@ -61,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
                    required=True, help="a swept field and its values (repeatable)")
     s.add_argument("--out", help="parent directory of the run directories "
                    "(default: runs/NAME-sweep)")
+    s.add_argument("--shard", metavar="I/N", help="run only the I-th of N disjoint slices of "
+                   "the grid (0 <= I < N), e.g. --shard $SLURM_ARRAY_TASK_ID/"
+                   "$SLURM_ARRAY_TASK_COUNT in a job array; `jaxsens report` of the sweep "
+                   "directory gathers every slice's points")
     _compute_options(s, "override a field for every point, e.g. --set train.epochs=3")
     rp = sub.add_parser("report", help="re-render figures and report.md from a run directory; "
                         "for a sweep directory, each point's and their comparison")
@@ -93,12 +98,41 @@ def _compute_options(parser: argparse.ArgumentParser, set_help: str) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.add_argument("--device", choices=sorted(_PLATFORMS),
                         help="run on this kind of device (default: the best JAX finds)")
+    dist = parser.add_argument_group(
+        "multi-process runs", "start the same command as N processes (one per host, or "
+        "several on one machine) to run one experiment across all of them; only process 0 "
+        "writes. JAX_COORDINATOR_ADDRESS in the environment also starts one.")
+    dist.add_argument("--coordinator", metavar="HOST:PORT",
+                      help="address of process 0 (jax.distributed.initialize)")
+    dist.add_argument("--num-processes", type=int, metavar="N", help="number of processes")
+    dist.add_argument("--process-id", type=int, metavar="I", help="this process, 0 <= I < N")
+    dist.add_argument("--distributed", action="store_true",
+                      help="join a multi-process run JAX configures from the cluster "
+                      "environment (SLURM, Open MPI, Kubernetes, Cloud TPU)")
 
 
-def _select_device(choice: str | None) -> None:
-    """Point JAX at ``choice`` (before any computation) and check a device is there."""
+def _distributed(args) -> bool:
+    """Whether the command joins a multi-process run (flags, or JAX's environment)."""
+    return bool(args.distributed or args.coordinator is not None or
+                args.num_processes is not None or args.process_id is not None or
+                os.environ.get("JAX_COORDINATOR_ADDRESS"))
+
+
+def _select_device(choice: str | None, args=None) -> None:
+    """Point JAX at ``choice``, join a multi-process run if asked (both before any
+    computation) and check a device is there."""
     if choice is not None:
         jax.config.update("jax_platforms", _PLATFORMS[choice])
+    if args is not None and _distributed(args):
+        for flag, value in (("--num-processes", args.num_processes),
+                            ("--process-id", args.process_id)):
+            if value is not None and value < (1 if flag == "--num-processes" else 0):
+                raise ConfigError(f"{flag} must be >= {1 if flag == '--num-processes' else 0}"
+                                  f", got {value}")
+        try:
+            devices_lib.initialize(args.coordinator, args.num_processes, args.process_id)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     try:
         devices = jax.devices()
     except (RuntimeError, AssertionError) as err:  # jax asserts when JAX_PLATFORMS fails
@@ -111,6 +145,13 @@ def _select_device(choice: str | None) -> None:
         raise ConfigError(f"--device {choice}: JAX runs on {devices[0].platform} here")
 
 
+def _print_run(res) -> None:
+    """A finished run's summary, on process 0 only."""
+    if devices_lib.is_primary():
+        print(res["summary"])
+        print(f"\nresults: {res['run_dir']}/results.json  report: {res['run_dir']}/report.md")
+
+
 def _cmd_analyse(args) -> int:
     run_dir = Path(args.run_dir)
     cfg_file = run_dir / "config.yaml"
@@ -120,9 +161,7 @@ def _cmd_analyse(args) -> int:
     if args.config is not None:
         raw["analyses"] = read_yaml(resolve_source(args.config)).get("analyses", [])
     cfg = parse_config(apply_overrides(raw, args.overrides), str(cfg_file))
-    res = run_experiment(cfg, run_dir, quiet=args.quiet)
-    print(res["summary"])
-    print(f"\nresults: {res['run_dir']}/results.json  report: {res['run_dir']}/report.md")
+    _print_run(run_experiment(cfg, run_dir, quiet=args.quiet))
     return 0
 
 
@@ -171,9 +210,7 @@ def enable_compilation_cache() -> Path | None:
 
 def _cmd_run(args) -> int:
     cfg = load_config(args.config, args.overrides)
-    res = run_experiment(cfg, args.out, quiet=args.quiet)
-    print(res["summary"])
-    print(f"\nresults: {res['run_dir']}/results.json  report: {res['run_dir']}/report.md")
+    _print_run(run_experiment(cfg, args.out, quiet=args.quiet))
     return 0
 
 
@@ -181,7 +218,22 @@ def _slug(value: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in value)
 
 
+def _parse_shard(text: str | None) -> tuple[int, int]:
+    """``"I/N"`` → ``(I, N)``; ``None`` → ``(0, 1)`` (the whole grid)."""
+    if text is None:
+        return 0, 1
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        i, n = -1, 0
+    if not 0 <= i < n:
+        raise ConfigError(f"--shard must look like I/N with 0 <= I < N (e.g. --shard 0/4 for "
+                          f"the first of 4 slices), got {text!r}")
+    return i, n
+
+
 def _cmd_sweep(args) -> int:
+    shard, shards = _parse_shard(args.shard)
     axes = []
     for g in args.grid:
         if "=" not in g or not g.split("=", 1)[1]:
@@ -199,26 +251,45 @@ def _cmd_sweep(args) -> int:
         if above.exists() and not above.is_dir():
             raise ConfigError(f"sweep directory {str(parent)!r}: {str(above)!r} is a file; "
                               "choose another --out")
+    primary = devices_lib.is_primary()
     try:
-        write_sweep_manifest(parent, [(n, dict(pt)) for n, pt in zip(names, points, strict=True)],
-                             config=args.config, overrides=args.overrides)
+        # Every slice lists the whole grid: slices of one sweep started at once write the
+        # same manifest (each write atomic), so whichever lands last, every point is in it.
+        if primary:
+            write_sweep_manifest(parent, [(n, dict(pt))
+                                          for n, pt in zip(names, points, strict=True)],
+                                 config=args.config, overrides=args.overrides)
     except ValueError as err:
         raise ConfigError(f"{err}; choose another --out or delete that file") from None
+    # Slice I of N: points I, I + N, I + 2N ... (disjoint, and mixed over the grid's axes).
+    mine = [j for j in range(len(points)) if j % shards == shard]
+    if shards > 1:
+        print(f"sweep slice {shard}/{shards}: {len(mine)} of {len(points)} points",
+              file=sys.stderr)
     try:
-        for name, cfg in zip(names, cfgs, strict=True):
+        for name, cfg in ((names[j], cfgs[j]) for j in mine):
             run_dir = parent / name
             if (run_dir / "results.json").exists() and (run_dir / "report.md").exists():
                 print(f"[skip] {name}: finished", file=sys.stderr)
                 continue
             print(f"[run] {name}", file=sys.stderr)
             res = run_experiment(cfg, run_dir, quiet=args.quiet)
-            print(f"== {name}\n{res['summary']}\n")
+            if primary:
+                print(f"== {name}\n{res['summary']}\n")
     except (ConfigError, TrainingDiverged):
-        render_sweep_report(parent)  # the finished points side by side, this one missing
+        if primary:
+            render_sweep_report(parent)  # the finished points side by side, this one missing
         raise
+    if not primary:
+        return 0
     print(render_sweep_report(parent))
-    print(f"\nsweep: {len(points)} points under {parent}  comparison: "
-          f"{parent / 'comparison.md'}")
+    if shards > 1:
+        print(f"\nsweep slice {shard}/{shards}: {len(mine)} of {len(points)} points under "
+              f"{parent}; when every slice has finished, `jaxsens report {parent}` compares "
+              "them all")
+    else:
+        print(f"\nsweep: {len(points)} points under {parent}  comparison: "
+              f"{parent / 'comparison.md'}")
     return 0
 
 
@@ -288,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("run", "sweep", "analyse", "config") and args.config is not None:
             resolve_source(args.config)
         if args.command in ("run", "sweep", "analyse"):
-            _select_device(args.device)
+            _select_device(args.device, args)
             enable_compilation_cache()
         return _COMMANDS[args.command](args)
     except ConfigError as err:

@@ -106,6 +106,38 @@ class TrainConfig(Frozen):
     checkpoint_every: int = Field(1, gt=0)
 
 
+class DevicesConfig(Frozen):
+    """Where a run computes: a mesh over the devices JAX sees.
+
+    ``mesh`` is the number of devices along each of the named ``axes``, or ``auto``:
+    every device (every process's, in a multi-process run) on the first axis. Training
+    splits each batch over the whole mesh (the parameters replicated); with
+    ``split_examples`` the analyses split their examples over it when their number
+    divides evenly (in a one-process run), else they run on one device. ``auto`` splits
+    them on accelerators only: CPU devices forced with
+    ``--xla_force_host_platform_device_count`` share the same cores, so splitting gains
+    nothing there, and analyses that loop over single examples would spread each one's
+    program over every device, whose collectives can stall XLA's CPU runtime. One device
+    is the single-device program of old.
+    """
+
+    mesh: Literal["auto"] | list[int] = "auto"
+    axes: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=lambda: ["data"], min_length=1)
+    split_examples: bool | Literal["auto"] = "auto"
+
+    @field_validator("mesh", mode="before")
+    @classmethod
+    def _shape(cls, v: Any) -> Any:
+        if v == "auto":
+            return v
+        if not isinstance(v, list) or not v or any(
+                isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in v):
+            raise ValueError("mesh must be 'auto' or a list of device counts >= 1, one per "
+                             "axis (e.g. [4] or [2, 2])")
+        return v
+
+
 class OutputConfig(Frozen):
     dir: str | None = None
     figures: bool = True
@@ -113,7 +145,7 @@ class OutputConfig(Frozen):
 
 
 class ExperimentConfig(Frozen):
-    """A whole experiment: seed, precision, data, model, train, analyses, output."""
+    """A whole experiment: seed, precision, data, model, train, analyses, output, devices."""
 
     name: str = "experiment"
     description: str = ""
@@ -124,6 +156,7 @@ class ExperimentConfig(Frozen):
     train: TrainConfig = Field(default_factory=TrainConfig)
     analyses: list[AnalysisUnion] = Field(default_factory=list)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    devices: DevicesConfig = Field(default_factory=DevicesConfig)
 
 
 # --------------------------------------------------------------------------- loading
@@ -210,6 +243,13 @@ def parse_config(raw: Mapping[str, Any] | None, source: str = "<config>") -> Exp
 
 
 def _cross_checks(cfg: ExperimentConfig) -> None:
+    dc = cfg.devices
+    if len(set(dc.axes)) != len(dc.axes):
+        raise ConfigError(f"config error at devices.axes: axis names must be distinct; got "
+                          f"{dc.axes}")
+    if dc.mesh != "auto" and len(dc.mesh) != len(dc.axes):
+        raise ConfigError(f"config error at devices.mesh: one size per axis of {dc.axes}; got "
+                          f"{dc.mesh} (or use 'auto')")
     for i, a in enumerate(cfg.analyses):
         a.check(f"analyses[{i}]")
     for i, t in enumerate(cfg.train.loss):

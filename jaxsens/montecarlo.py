@@ -6,6 +6,12 @@ statistics with :func:`average`. Memory is that of one chunk of draws whatever
 ``num_samples`` is, the draw with index ``i`` always uses the ``i``-th key of
 ``jax.random.split(key, ·)`` (so results do not depend on the chunk size beyond summation
 order), and the whole estimate is one traceable computation (a ``lax.scan``).
+
+Key derivation. With JAX's default partitionable Threefry (``jax_threefry_partitionable``)
+``split(key, n)[i] == fold_in(key, i)`` for every ``n``: draw ``i``'s key depends on
+``(key, i)`` only. That is what lets the draws of one estimate be split over devices
+(``axes``) with the numbers of one device: each device evaluates the draws at its own
+positions of every chunk, with the same keys.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ def average(
     keep: int = 0,
     keep_fn: Callable[[Any], Any] | None = None,
     reduce: Callable[[Any, jax.Array], Any] | None = None,
+    axes: tuple[str, ...] = (),
 ) -> Average:
     """E[draw(k)] over ``num_samples`` keys split from ``key``, ``chunk`` draws at a time.
 
@@ -73,19 +80,35 @@ def average(
         the weighted sum of every statistic). A custom one can avoid materializing a
         per-draw product, e.g. ``einsum("s,sbk,sbl->bkl", w, d, d)`` for Σ d dᵀ; the
         result is the sums divided by ``num_samples``.
+      axes: mesh axes to split every chunk's draws over; only inside a ``jax.shard_map``
+        in which they are manual. Device ``d`` of ``D`` evaluates positions
+        ``[d·c, (d+1)·c)`` of each chunk, ``c = ⌈chunk / D⌉``, with the keys a single
+        device would use; the sums are added over the devices (``psum``) and the kept
+        draws gathered in order, so the result equals the one-device result up to the
+        order of summation, on every device.
 
     Returns:
       An :class:`Average`.
     """
     steps = num_chunks(num_samples, chunk)
     keys = jax.random.split(key, steps * chunk)
-    keys = keys.reshape(steps, chunk, *keys.shape[1:])
     select = keep_fn if keep_fn is not None else (lambda s: s)
-    shapes = jax.eval_shape(draw, keys[0, 0])
+    shapes = jax.eval_shape(draw, keys[0])
     dtype = jnp.result_type(*[s.dtype for s in jax.tree.leaves(shapes)] or [jnp.float32])
     if not jnp.issubdtype(dtype, jnp.floating):
         dtype = jnp.float32
-    mask = (jnp.arange(steps * chunk) < num_samples).reshape(steps, chunk).astype(dtype)
+    width = chunk
+    if axes:
+        width = -(-chunk // jax.lax.axis_size(axes))  # this device's positions in a chunk
+        first = jax.lax.axis_index(axes) * width
+        column = first + jnp.arange(width)
+        draw_index = jnp.arange(steps)[:, None] * chunk + column[None, :]
+        mask = ((column < chunk)[None, :] & (draw_index < num_samples)).astype(dtype)
+        # Positions past the chunk (when D does not divide it) get some key; masked out.
+        keys = keys[jnp.minimum(draw_index, steps * chunk - 1)]
+    else:
+        keys = keys.reshape(steps, chunk, *keys.shape[1:])
+        mask = (jnp.arange(steps * chunk) < num_samples).reshape(steps, chunk).astype(dtype)
 
     def weighted_sum(stats, w):
         return jax.tree.map(lambda v: jnp.tensordot(w, v.astype(dtype), axes=(0, 0)), stats)
@@ -96,7 +119,7 @@ def average(
                           jax.eval_shape(reducer, chunk_shapes, mask[0]))
     keep_steps = min(steps, num_chunks(keep, chunk)) if keep else 0
     kept_shapes = jax.eval_shape(select, shapes) if keep_steps else None
-    buf0 = (jax.tree.map(lambda s: jnp.zeros((keep_steps, chunk, *s.shape), s.dtype),
+    buf0 = (jax.tree.map(lambda s: jnp.zeros((keep_steps, width, *s.shape), s.dtype),
                          kept_shapes) if keep_steps else None)
 
     def body(carry, inp):
@@ -112,6 +135,11 @@ def average(
         return (total, buf), None
 
     (total, buf), _ = jax.lax.scan(body, (total0, buf0), (jnp.arange(steps), keys, mask))
+    if axes:
+        total = jax.lax.psum(total, axes)
+        if keep_steps:  # every device's positions side by side: the one-device layout
+            buf = jax.tree.map(lambda b: jax.lax.all_gather(b, axes, axis=1, tiled=True)
+                               [:, :chunk], buf)
     mean = jax.tree.map(lambda t: t / num_samples, total)
     kept = None
     if keep_steps:

@@ -4,6 +4,13 @@ The runner only composes the library; it computes nothing of its own. A run dire
 holds the resolved config, ``metrics.jsonl``, checkpoints, one JSON per finished analysis
 (so a re-run resumes), ``results.json`` / ``results.csv``, figures and ``report.md``.
 Every file is written atomically.
+
+Devices: the config's ``devices`` section makes a mesh (:func:`run_mesh`); training is
+data-parallel over it and the analyses may split their examples over it
+(``devices.split_examples``); ``devices.json`` records what ran. Started as several
+processes (:func:`jaxsens.devices.initialize`), every process runs the same experiment:
+training is shared, each process analyses its own copy of the trained model, and only
+process 0 writes the run directory.
 """
 
 from __future__ import annotations
@@ -19,21 +26,23 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 from flax import nnx
+from jax.sharding import Mesh
 
 from . import data as data_lib
+from . import devices as devices_lib
 from . import losses as losses_lib
 from . import models
 from . import precision as precision_lib
 from . import train as train_lib
 from .analyses import KINDS, Context
 from .config import ConfigError, ExperimentConfig, parse_config, to_dict
-from .io import atomic_write_text, write_csv, write_json, write_yaml
-from .report import render_report
+from .io import atomic_write_text, clean_json, write_csv, write_json, write_yaml
+from .report import render_report, summary_table
 from .sites import split
 
 __all__ = [
     "load_run",
-    "LoadedRun","run_experiment", "prepare_data", "build_model", "RunResult"]
+    "LoadedRun","run_experiment", "prepare_data", "build_model", "RunResult", "run_mesh"]
 
 
 class RunResult(dict):
@@ -189,9 +198,48 @@ def _accuracy(model: nnx.Module, x, y, batch: int = 1024) -> float:
     return correct / len(x)
 
 
-def _run_analysis(a, index: int, model, ds, cfg, quiet: bool, initial=None) -> list[dict]:
+def run_mesh(cfg: ExperimentConfig) -> Mesh | None:
+    """The mesh of the config's ``devices`` section, ``None`` when it has one device.
+
+    Args:
+      cfg: a validated experiment config.
+
+    Returns:
+      A :class:`jax.sharding.Mesh` over ``devices.mesh`` devices named ``devices.axes``
+      (``auto``: every device JAX sees), or ``None`` for a single device, which runs the
+      one-device program.
+
+    Raises:
+      ConfigError: the mesh needs more devices than JAX sees.
+    """
+    try:
+        mesh = devices_lib.make_mesh(cfg.devices.mesh, cfg.devices.axes)
+    except ValueError as err:
+        raise ConfigError(f"config error at devices.mesh: {err}") from None
+    return mesh if mesh.size > 1 else None
+
+
+def _analysis_inputs(x, y, mesh: Mesh | None):
+    """The analysed examples: split over the mesh when they divide evenly (one process)."""
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    if mesh is None or jax.process_count() > 1 or x.shape[0] % mesh.size:
+        return x, y  # one device
+    sharding = devices_lib.batch_sharding(mesh)
+    return jax.device_put(x, sharding), jax.device_put(y, sharding)
+
+
+def _local_model(model: nnx.Module) -> nnx.Module:
+    """This process's own, uncommitted copy of a replicated model: analyses on it need no
+    other process, and run on one device or, with split examples, over the mesh."""
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, devices_lib.local_copy(state))
+
+
+def _run_analysis(a, index: int, model, ds, cfg, quiet: bool, initial=None,
+                  mesh: Mesh | None = None) -> list[dict]:
     n = min(a.examples, ds.n_test)
-    ctx = Context(model=model, x=jnp.asarray(ds.x_test[:n]), y=jnp.asarray(ds.y_test[:n]),
+    x, y = _analysis_inputs(ds.x_test[:n], ds.y_test[:n], mesh)
+    ctx = Context(model=model, x=x, y=y,
                   key=jax.random.fold_in(jax.random.key(cfg.seed), 1000 + index), index=index,
                   quiet=quiet, initial_model=initial)
     return KINDS[a.kind].run(a, ctx)
@@ -267,7 +315,14 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path | None = None, *,
     written; training resumes from the run's checkpoints and finished analyses (same
     spec) are reused. The directory then holds ``config.yaml``, ``normalization.json``,
     ``metrics.jsonl``, ``checkpoints/``, ``analyses/*.json``, ``results.json``,
-    ``results.csv`` and, as configured, figures and ``report.md``.
+    ``results.csv``, ``devices.json`` and, as configured, figures and ``report.md``.
+
+    On a mesh of several devices (the ``devices`` section) training is data-parallel and,
+    as ``devices.split_examples`` says, the analyses' examples are split over the devices
+    (when their number divides evenly); the numbers equal one device's up to the order
+    of summation. In a multi-process run
+    every process calls this alike; only process 0 writes or prints progress, and every
+    process returns the same results.
 
     Args:
       cfg: a validated experiment config (:func:`jaxsens.config.load_config`).
@@ -282,7 +337,8 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path | None = None, *,
 
     Raises:
       ConfigError: ``run_dir`` holds a run of a different config or other files, or the
-        config does not fit the data or the model (sites, weight paths, loss terms).
+        config does not fit the data or the model (sites, weight paths, loss terms), or
+        its mesh needs more devices than JAX sees.
       jaxsens.train.TrainingDiverged: the training loss or gradient became non-finite.
     """
     with jax.enable_x64(cfg.precision == "float64"):
@@ -292,7 +348,11 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path | None = None, *,
 def _run(cfg: ExperimentConfig, run_dir, quiet: bool) -> RunResult:
     run_dir = Path(run_dir or cfg.output.dir or Path("runs") / cfg.name)
     resolved = to_dict(cfg)
+    # In a multi-process run every process computes; process 0 alone writes and talks.
+    primary = devices_lib.is_primary()
+    quiet = quiet or not primary
     _check_run_dir(run_dir, resolved)
+    mesh = run_mesh(cfg)
     ds, norm_stats = prepare_data(cfg)
     model = build_model(cfg, ds)
     loss_terms = _loss_terms(cfg)
@@ -302,9 +362,16 @@ def _run(cfg: ExperimentConfig, run_dir, quiet: bool) -> RunResult:
                           f"would compute nothing; add one (kinds: {', '.join(KINDS)})")
     if cfg.train.epochs == 0:
         _log("train.epochs is 0: analysing the untrained (initialized) model", quiet)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_yaml(run_dir / "config.yaml", resolved)
-    write_json(run_dir / "normalization.json", norm_stats)
+    devices = devices_lib.describe(mesh)
+    if mesh is not None:
+        _log(f"devices: mesh {dict(mesh.shape)} of {devices['platform']} over "
+             f"{devices['process_count']} process(es)", quiet)
+    devices_lib.barrier("jaxsens-run-checked")  # every process checked before any write
+    if primary:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_yaml(run_dir / "config.yaml", resolved)
+        write_json(run_dir / "normalization.json", norm_stats)
+        write_json(run_dir / "devices.json", devices)
 
     tc = cfg.train
     history: list[dict] = []
@@ -333,10 +400,18 @@ def _run(cfg: ExperimentConfig, run_dir, quiet: bool) -> RunResult:
             batch_size=tc.batch_size, key=jax.random.fold_in(jax.random.key(cfg.seed), 2),
             checkpoint_dir=(run_dir / "checkpoints").absolute(),
             checkpoint_every=tc.checkpoint_every,
-            on_epoch=lambda rec: _append_metrics(run_dir, rec), progress=not quiet,
+            on_epoch=(lambda rec: _append_metrics(run_dir, rec)) if primary else None,
+            progress=not quiet, mesh=mesh,
         )
         model, history = result.model, list(result.history)
-        _write_metrics(run_dir, history)
+        if primary:
+            _write_metrics(run_dir, history)
+    if mesh is not None:
+        model = _local_model(model)
+    split = cfg.devices.split_examples
+    if split == "auto":  # accelerators only (see config.DevicesConfig)
+        split = jax.default_backend() != "cpu"
+    analysis_mesh = mesh if split else None
     clean_acc = _accuracy(model, ds.x_test, ds.y_test)
 
     analyses_out = []
@@ -350,13 +425,16 @@ def _run(cfg: ExperimentConfig, run_dir, quiet: bool) -> RunResult:
                 analyses_out.append(saved)
                 continue
         t0 = time.perf_counter()
-        records = _run_analysis(a, i, model, ds, cfg, quiet, initial)
+        records = _run_analysis(a, i, model, ds, cfg, quiet, initial, analysis_mesh)
         n = min(a.examples, ds.n_test)
         entry = {"name": a.label, "kind": a.kind, "spec": spec, "num_examples": n,
                  "clean_accuracy": _accuracy(model, ds.x_test[:n], ds.y_test[:n]),
                  "records": records}
-        write_json(part, entry)
-        analyses_out.append(json.loads(part.read_text()))
+        if primary:
+            write_json(part, entry)
+            analyses_out.append(json.loads(part.read_text()))
+        else:
+            analyses_out.append(json.loads(json.dumps(clean_json(entry))))
         _log(f"analysis {a.label}: {len(records)} rows in {time.perf_counter() - t0:.1f}s", quiet)
 
     results = {
@@ -372,9 +450,14 @@ def _run(cfg: ExperimentConfig, run_dir, quiet: bool) -> RunResult:
         "final_train": {k: v for k, v in (history[-1] if history else {}).items()
                         if "time" not in k and "per_s" not in k and "steps_s" not in k},
         "analyses": [{k: v for k, v in a.items() if k != "spec"} for a in analyses_out],
+        "devices": devices,
     }
-    write_json(run_dir / "results.json", results)
-    rows = [r for a in analyses_out for r in a["records"]]
-    write_csv(run_dir / "results.csv", rows)
-    summary = render_report(run_dir, figures=cfg.output.figures, report=cfg.output.report)
+    if primary:
+        write_json(run_dir / "results.json", results)
+        rows = [r for a in analyses_out for r in a["records"]]
+        write_csv(run_dir / "results.csv", rows)
+        summary = render_report(run_dir, figures=cfg.output.figures, report=cfg.output.report)
+    else:
+        summary = summary_table(results)
+    devices_lib.barrier("jaxsens-run-written")  # the run directory is complete for everyone
     return RunResult(run_dir=run_dir, results=results, summary=summary)

@@ -23,6 +23,7 @@ MODULES = (
     "jaxsens.graph",
     "jaxsens.bounds",
     "jaxsens.nin",
+    "jaxsens.devices",
     "jaxsens.losses",
     "jaxsens.train",
     "jaxsens.data",

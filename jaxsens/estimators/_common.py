@@ -1,19 +1,37 @@
-"""What every estimator shares: input checks without a host sync, and small numerics."""
+"""What every estimator shares: input checks without a host sync, small numerics, and the
+compiled kernel that splits its work over the devices the input is sharded on.
+
+Devices. An input ``x`` split along its batch axis by a ``NamedSharding``
+(:func:`jaxsens.devices.batch_axes`) makes a kernel run its body under ``jax.shard_map``:
+each device gets its own examples (and a copy of the model), and every per-example result
+comes back split the same way. The sampled estimator may also split its Monte Carlo draws
+over mesh axes (:func:`plan`). A body is written for the examples it sees; while it is
+traced under the map, :func:`example_index` gives their global numbers and
+:func:`draw_axes` the axes the draws are split over, so per-example keys and draws are
+those of one device.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from .. import devices as devices_lib
 from .. import noise as noise_lib
 from ..checks import positive_int as check_positive_int
 from ..checks import safe_norm as safe_norm
 from ..sites import Adapter, SiteInfo, Structure, adapt
+from ._deviation import DATA_FIELDS, Deviation
 
 __all__ = [
     "Prepared",
@@ -29,6 +47,12 @@ __all__ = [
     "memory_budget",
     "chunked_map",
     "compiled_kernel",
+    "Shards",
+    "plan",
+    "example_index",
+    "draw_axes",
+    "sharded",
+    "deviation_specs",
 ]
 
 
@@ -174,19 +198,207 @@ def chunked_map(fn, x: jax.Array, chunk: int):
     return jax.tree.map(lambda a: a.reshape(n * chunk, *a.shape[2:])[:batch], out)
 
 
-def compiled_kernel(body, *, static: tuple[str, ...]):
+class Shards(NamedTuple):
+    """How a kernel splits its work over a mesh (static: hashable, known before tracing).
+
+    Attributes:
+      mesh: the mesh.
+      batch: the spec entry that splits the examples (an axis name, a tuple of names, or
+        ``None`` when every device sees the whole batch).
+      draws: mesh axes that split each chunk of Monte Carlo draws (``()``: none).
+    """
+
+    mesh: Mesh
+    batch: Any
+    draws: tuple[str, ...] = ()
+
+
+def _names(entry) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def plan(x, draw_sharding: NamedSharding | None = None) -> Shards | None:
+    """The :class:`Shards` of a call on ``x``: its batch split, and the draws' axes.
+
+    Args:
+      x: the input batch; split along axis 0 by a ``NamedSharding``, its examples are
+        split the same way.
+      draw_sharding: a ``NamedSharding`` whose spec's first entry names the mesh axes that
+        split every chunk of Monte Carlo draws (sampled), e.g.
+        ``NamedSharding(mesh, P("data"))``; on the mesh of ``x`` when that is sharded, and
+        on other axes than its batch.
+
+    Returns:
+      ``None`` for a call on one device (no split batch, no draw sharding), else the plan.
+
+    Raises:
+      ValueError: ``draw_sharding`` is not a ``NamedSharding`` naming mesh axes, lives on
+        another mesh than ``x``, or reuses the batch's axes.
+    """
+    found = devices_lib.batch_axes(x)
+    if draw_sharding is None:
+        return None if found is None else Shards(found[0], found[1])
+    if not isinstance(draw_sharding, NamedSharding) or not draw_sharding.spec or \
+            draw_sharding.spec[0] is None or not isinstance(draw_sharding.mesh, Mesh):
+        raise ValueError(f"draw_sharding must be a NamedSharding naming the mesh axes of the "
+                         f"draws, e.g. NamedSharding(mesh, P('data')); got {draw_sharding!r}")
+    mesh, draws = draw_sharding.mesh, _names(draw_sharding.spec[0])
+    if found is None:
+        return Shards(mesh, None, draws)
+    if found[0] != mesh:
+        raise ValueError(f"draw_sharding is on mesh {mesh.shape_tuple} but x is split over "
+                         f"mesh {found[0].shape_tuple}; use one mesh for both")
+    common = set(draws) & set(_names(found[1]))
+    if common:
+        raise ValueError(f"draw_sharding uses mesh axes {sorted(common)} that already split "
+                         f"the batch of x; split the draws over other axes, e.g. "
+                         f"{[a for a in mesh.axis_names if a not in _names(found[1])]}")
+    return Shards(mesh, found[1], draws)
+
+
+_CURRENT: contextvars.ContextVar[Shards | None] = contextvars.ContextVar(
+    "jaxsens_shards", default=None)
+
+
+@contextlib.contextmanager
+def _tracing(shards: Shards) -> Iterator[None]:
+    token = _CURRENT.set(shards)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
+def example_index(batch: int) -> jax.Array:
+    """The global numbers of the ``batch`` examples a body sees (traceable).
+
+    Args:
+      batch: the number of examples the body sees.
+
+    Returns:
+      ``arange(batch)``, offset by this device's first example when the body is traced
+      under a kernel that splits the batch (``d · batch`` on device ``d``).
+    """
+    shards = _CURRENT.get()
+    index = jnp.arange(batch)
+    if shards is None or shards.batch is None:
+        return index
+    return index + jax.lax.axis_index(_names(shards.batch)) * batch
+
+
+def draw_axes() -> tuple[str, ...]:
+    """The mesh axes the body being traced splits its Monte Carlo draws over.
+
+    Returns:
+      The axes (manual in the kernel's ``shard_map``), or ``()``.
+    """
+    shards = _CURRENT.get()
+    return () if shards is None else shards.draws
+
+
+def deviation_specs(shards: Shards, lead: int = 0) -> Deviation:
+    """The ``PartitionSpec`` of every field of a kernel's :class:`Deviation`.
+
+    Args:
+      shards: the plan.
+      lead: the number of axes before the batch axis (2 for a profile table).
+
+    Returns:
+      A Deviation of specs: per-example fields split like the batch after ``lead``
+      unsplit axes, the others (levels, counts, flags) replicated.
+    """
+    split = P(*([None] * lead), shards.batch)
+    every: dict[str, Any] = {
+        f: P() if f in ("quantile_levels", "num_samples", "almost_sure", "mean_exact")
+        else split for f in DATA_FIELDS}
+    return Deviation(**every)
+
+
+def sharded(local: Callable, shards: Shards | None, args: tuple, batched: tuple[bool, ...],
+            out_specs) -> Any:
+    """``local(*args)``, under ``jax.shard_map`` over ``shards.mesh`` when there is a plan.
+
+    Args:
+      local: a traceable function of ``args`` for the examples (and draws) one device
+        sees.
+      shards: the plan (``None``: call ``local`` as it is).
+      args: the arguments.
+      batched: per argument, whether its leading axis is the batch (split like it).
+      out_specs: the ``PartitionSpec`` pytree (prefix) of the result.
+
+    Returns:
+      What ``local`` returns, assembled over the devices.
+    """
+    if shards is None:
+        return local(*args)
+    mesh = shards.mesh
+    specs = tuple(P(shards.batch) if b else P() for b in batched)
+    if mesh.explicit_axes:
+        # Explicit axes are part of the arrays' types: move each input to its spec first.
+        args = tuple(jax.tree.map(
+            lambda a, spec=spec: jax.sharding.reshard(a, NamedSharding(mesh, spec)), arg)
+            for arg, spec in zip(args, specs, strict=True))
+
+    def inner(*a):
+        with _tracing(shards):
+            return local(*a)
+
+    # check_vma=False: a user's model may carry unvarying scan state next to varying data.
+    return jax.shard_map(inner, mesh=mesh, in_specs=specs, out_specs=out_specs,
+                         check_vma=False)(*args)
+
+
+class _Kernel:
+    """A jitted estimator kernel that reads its device plan off ``x`` before the call.
+
+    Calling it as ``kernel(adapter, arrays, x, *args, **options)`` adds the static
+    ``shards=plan(x)`` unless given; other attributes (``lower``, ``_cache_size`` ...) are
+    the jitted function's.
+    """
+
+    def __init__(self, jitted):
+        self.jitted = jitted
+
+    def __call__(self, adapter, arrays, x, *args, **options):
+        if "shards" not in options:
+            options["shards"] = plan(x)
+        return self.jitted(adapter, arrays, x, *args, **options)
+
+    def __getattr__(self, name: str):
+        return getattr(self.jitted, name)
+
+
+def compiled_kernel(body, *, static: tuple[str, ...], batched: tuple[int, ...] = ()):
     """The jitted public kernel of an estimator's traceable ``body``.
 
     ``kernel(adapter, arrays, x, *args, **options)`` unpacks the model's arrays (at trace
     time), shapes ``x`` for the model and returns ``body(structure, params, rest, x, *args,
     **options)``; the adapter and the ``static`` options are static arguments, so one
     compilation serves every call on the same architecture, input shape and options.
+    When ``x`` is split along its batch over a mesh (or ``shards=`` says so), the body runs
+    under ``jax.shard_map`` on each device's examples (:func:`sharded`).
+
+    Args:
+      body: the traceable estimate, returning a :class:`Deviation`.
+      static: the names of its static (hashable) options.
+      batched: the positions in ``args`` of further per-example arguments (labels).
+
+    Returns:
+      The kernel: a jitted function that reads its device plan off ``x`` (:func:`plan`)
+      unless given ``shards=``.
     """
 
-    def kernel(adapter: Adapter, arrays, x, *args, **options):
-        params, rest = adapter.unpack(arrays)
-        struct = adapter.structure
-        return body(struct, params, rest, as_input(struct, x), *args, **options)
+    def kernel(adapter: Adapter, arrays, x, *args, shards: Shards | None = None, **options):
+        def local(arrays, x, *args):
+            params, rest = adapter.unpack(arrays)
+            struct = adapter.structure
+            return body(struct, params, rest, as_input(struct, x), *args, **options)
+
+        flags = (False, True, *(i in batched for i in range(len(args))))
+        out = deviation_specs(shards) if shards is not None else None
+        return sharded(local, shards, (arrays, x, *args), flags, out)
 
     kernel.__name__ = kernel.__qualname__ = f"{body.__name__}_kernel"
-    return jax.jit(kernel, static_argnames=("adapter", *static))
+    return _Kernel(jax.jit(kernel, static_argnames=("adapter", "shards", *static)))

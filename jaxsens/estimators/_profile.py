@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 from jaxtyping import Array, Float, Int
 
 from .. import noise as noise_lib
@@ -19,14 +20,18 @@ from ..sites import INPUT, PureModel
 from ._attack import check_attack_law
 from ._bound import bound_applies, check_site, lipschitz_constants
 from ._common import (
+    Shards,
     as_input,
     check_key,
     check_labels,
     check_law,
     check_positive_int,
+    deviation_specs,
     input_dtype,
     prepare,
+    sharded,
 )
+from ._common import plan as plan_shards
 from ._deviation import DEFAULT_QUANTILES, Deviation
 from ._linearized import example_chunk
 from ._moments import check_moments
@@ -161,20 +166,33 @@ def _unflatten(meta, children) -> Profile:
 jax.tree_util.register_pytree_node(Profile, _flatten, _unflatten)
 
 
-@functools.partial(jax.jit, static_argnames=("adapter", "estimator", "options"))
+@functools.partial(jax.jit, static_argnames=("adapter", "estimator", "options", "shards"))
 def _table_kernel(adapter, arrays, x, laws, levels, key, labels, lips, *, estimator,
-                  options):
-    params, rest = adapter.unpack(arrays)
-    struct = adapter.structure
-    args = TableArgs(struct, params, rest, as_input(struct, x), laws, levels, key, labels,
-                     lips)
-    dev, _ = REGISTRY[estimator].table(args, options)
-    return dev
+                  options, shards=None):
+    def local(arrays, x, laws, levels, key, labels, lips):
+        params, rest = adapter.unpack(arrays)
+        struct = adapter.structure
+        args = TableArgs(struct, params, rest, as_input(struct, x), laws, levels, key,
+                         labels, lips)
+        dev, _ = REGISTRY[estimator].table(args, options)
+        return dev
+
+    # Split like the batch of x (each device profiles its own examples), see _common.
+    out = deviation_specs(shards, lead=2) if shards is not None else None
+    return sharded(local, shards, (arrays, x, laws, levels, key, labels, lips),
+                   (False, True, False, False, False, True, False), out)
 
 
 @jax.jit
 def _stack(devs):
     return jax.tree.map(lambda *a: jnp.stack(a, axis=2), *devs)
+
+
+def _batch_only(shards: Shards | None) -> Shards | None:
+    """The plan of an estimator that draws nothing: the batch split only."""
+    if shards is None or shards.batch is None:
+        return None
+    return shards._replace(draws=())
 
 
 def _reasons(struct, estimator: str, plan) -> tuple[str, ...]:
@@ -213,6 +231,7 @@ def profile(
     split_at: str | None = None,
     quantiles: Sequence[float] = DEFAULT_QUANTILES,
     common_random_numbers: bool = False,
+    draw_sharding: NamedSharding | None = None,
 ) -> Profile:
     """All sites × noise levels × estimators, as a typed table.
 
@@ -243,6 +262,10 @@ def profile(
       split_at: the two-stage split site of the moments.
       quantiles: quantile levels of the sampled estimator.
       common_random_numbers: share noise directions across the batch (sampled).
+      draw_sharding: split the Monte Carlo draws over these mesh axes (see
+        :func:`~jaxsens.estimators.sampled`). With ``x`` split along its batch over a
+        mesh, every estimator runs on each device's examples and the table's per-example
+        fields come back split the same way (batch axis 3).
 
     Returns:
       A :class:`Profile`; ``.to_records()`` gives flat records for reports.
@@ -267,6 +290,7 @@ def profile(
         raise ValueError(f"moments_method={moments_method!r} is not a moments method; "
                          f"choose one of {list(METHODS)}")
     p = prepare(model, x)
+    shards = plan_shards(x, draw_sharding)
     struct = p.structure
     batch = x.shape[0]
     itemsize = jnp.dtype(x.dtype).itemsize if jnp.issubdtype(x.dtype, jnp.floating) else 4
@@ -312,7 +336,8 @@ def profile(
     level_array = np.asarray(levels, jax.dtypes.canonicalize_dtype(np.float64))
     results = [
         _table_kernel(p.adapter, p.arrays, p.x, laws, level_array, key, labels, lips,
-                      estimator=e, options=options)
+                      estimator=e, options=options,
+                      shards=shards if REGISTRY[e].random else _batch_only(shards))
         for e in estimators
     ]
     reasons = tuple(zip(*[_reasons(struct, e, plan) for e in estimators], strict=True))

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding
 from jaxtyping import Array, Float, Int
 
 from .. import montecarlo
@@ -19,7 +20,10 @@ from ._common import (
     check_labels,
     check_positive_int,
     compiled_kernel,
+    draw_axes,
+    example_index,
     memory_budget,
+    plan,
     safe_norm,
 )
 from ._deviation import DEFAULT_QUANTILES, Deviation, deviation
@@ -49,7 +53,12 @@ def default_chunk(struct: Structure, batch: int, num_samples: int, itemsize: int
 def sampled_body(struct: Structure, params, rest, x, labels, key, law, *, site: str,
                  num_samples: int, chunk: int, crn: bool, qlevels: tuple[float, ...]
                  ) -> Deviation:
-    """The traceable Monte Carlo estimate (see :func:`sampled`); ``x`` is the batch."""
+    """The traceable Monte Carlo estimate (see :func:`sampled`); ``x`` is the batch.
+
+    Example ``i`` of the whole batch draws with ``fold_in(k, i)`` from draw key ``k``
+    (:func:`~jaxsens.estimators._common.example_index` gives ``i`` on a device that sees
+    part of the batch), and the draws are split over the kernel's draw axes, if any.
+    """
     info = struct.site(site)
     out0, values = struct.apply_with_values(params, rest, x)
     batch = x.shape[0]
@@ -61,7 +70,7 @@ def sampled_body(struct: Structure, params, rest, x, labels, key, law, *, site: 
         lab = pred0 if labels is None else labels
         loss0 = _cross_entropy(out0f, lab)
 
-    ex_index = jnp.arange(batch)
+    ex_index = example_index(batch)
     dtype = out0f.dtype
 
     if info.kind == "weight":
@@ -107,7 +116,7 @@ def sampled_body(struct: Structure, params, rest, x, labels, key, law, *, site: 
     # buffer keeps memory fixed for any num_samples.
     est = montecarlo.average(draw, key, num_samples=num_samples, chunk=chunk,
                              keep=QUANTILE_DRAWS if qlevels else 0,
-                             keep_fn=lambda st: st["norm"], reduce=reduce)
+                             keep_fn=lambda st: st["norm"], reduce=reduce, axes=draw_axes())
     n = num_samples
     avg = est.mean
     mean = avg["s1"]
@@ -129,7 +138,8 @@ def sampled_body(struct: Structure, params, rest, x, labels, key, law, *, site: 
 
 
 _kernel = compiled_kernel(sampled_body,
-                          static=("site", "num_samples", "chunk", "crn", "qlevels"))
+                          static=("site", "num_samples", "chunk", "crn", "qlevels"),
+                          batched=(0,))
 
 
 def check_options(struct: Structure, batch: int, itemsize: int, *, num_samples, chunk_size,
@@ -166,6 +176,7 @@ def sampled(
     labels: Int[Array, " batch"] | None = None,
     quantiles: Sequence[float] = DEFAULT_QUANTILES,
     common_random_numbers: bool = False,
+    draw_sharding: NamedSharding | None = None,
 ) -> Deviation:
     """Monte Carlo estimate of the output deviation ‖F(x; site + η) − F(x)‖ per example.
 
@@ -178,6 +189,12 @@ def sampled(
     ``common_random_numbers``, one direction per draw shared by the batch and rescaled
     per example: every example's estimate stays unbiased, examples become correlated).
     For weight sites one Δ per draw perturbs the network for the whole batch.
+
+    Devices: with ``x`` split along its batch by a ``NamedSharding`` each device draws
+    for its own examples and the result is split the same way; ``draw_sharding`` also
+    splits every chunk of draws over mesh axes (for a batch too small to split). Draw
+    ``j`` uses ``split(key, ·)[j] = fold_in(key, j)`` and example ``i`` ``fold_in(·, i)``
+    wherever they run, so the numbers are those of one device (sums up to their order).
 
     Args:
       model: an NNX module (sites marked with ``perturb``) or a ``PureModel``.
@@ -193,6 +210,9 @@ def sampled(
       quantiles: levels of the reported quantiles of ‖ΔF‖ (from the first 10,000 draws
         when there are more, so memory stays bounded).
       common_random_numbers: share noise directions across the batch.
+      draw_sharding: split the draws over the mesh axes named by this sharding's first
+        spec entry, e.g. ``NamedSharding(mesh, P("data"))`` (other axes than those that
+        split ``x``); ``None`` keeps them on the devices of the batch.
 
     Returns:
       A :class:`Deviation` with mean, rms, stderr, quantiles, delta_mean, delta_cov and,
@@ -200,9 +220,10 @@ def sampled(
 
     Raises:
       ValueError: unknown site, bad noise level, input shape mismatch, non-finite input,
-        bad sample counts.
+        bad sample counts, a bad ``draw_sharding``.
     """
     p = check_inputs(model, x, site, noise)
+    shards = plan(x, draw_sharding)
     batch = x.shape[0]
     num_samples, chunk, qlevels = check_options(
         p.structure, batch, _itemsize(x), num_samples=num_samples, chunk_size=chunk_size,
@@ -211,7 +232,7 @@ def sampled(
     check_key(key)
     res = _kernel(p.adapter, p.arrays, p.x, labels, key, noise, site=site,
                   num_samples=num_samples, chunk=chunk, crn=bool(common_random_numbers),
-                  qlevels=qlevels)
+                  qlevels=qlevels, shards=shards)
     return res.labelled(estimator="sampled", site=site, law=noise.describe())
 
 

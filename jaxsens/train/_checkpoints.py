@@ -4,6 +4,11 @@ A checkpoint holds the parameters, the optimizer state, the model's other state
 (BatchNorm running statistics, RNG counters and keys; when there is any) and a JSON
 ``meta`` item (epoch, history, run signature and array specs); :func:`load_checkpoint`
 reads one back.
+
+Arrays are read back with the shardings of the arrays they replace (:func:`_abstract`):
+replicated over the mesh of a data-parallel run, on one device otherwise. A checkpoint
+holds no device layout of its own, so one written on any number of devices (or processes,
+which save and restore it together through orbax) restores on any other.
 """
 
 from __future__ import annotations

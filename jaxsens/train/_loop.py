@@ -18,9 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from .. import data as data_lib
+from .. import devices as devices_lib
 from ..checks import positive_int
 from ..losses import CrossEntropy, LossTerm, normalize_terms, term_names, total_loss
 from ..sites import PureModel, Structure, inference_structure, split
@@ -155,13 +157,13 @@ def make_eval_fn(struct: Structure) -> Callable:
     return evaluate
 
 
-def _evaluate(evaluate, params, rest, x, y, batch_size: int) -> tuple[float, float]:
-    n = x.shape[0]
+def _evaluate(evaluate, params, rest, test: Callable, n: int, batch_size: int
+              ) -> tuple[float, float]:
     if n == 0:
         return float("nan"), float("nan")
     ce, correct = 0.0, 0
     for start in range(0, n, batch_size):
-        c, k = evaluate(params, rest, x[start:start + batch_size], y[start:start + batch_size])
+        c, k = evaluate(params, rest, *test(start, min(n, start + batch_size)))
         ce += float(c)
         correct += int(k)
     return ce / n, correct / n
@@ -195,6 +197,17 @@ def _device_data(struct: Structure, x: np.ndarray, y: np.ndarray, dtype, part: s
     return jnp.asarray(x, dtype), jnp.asarray(y, jnp.int32)
 
 
+def _host_data(struct: Structure, x: np.ndarray, y: np.ndarray, dtype, part: str):
+    """:func:`_device_data` kept on the host (NumPy), for feeding a mesh."""
+    want = struct.input_shape
+    if x.shape[0] and math.prod(x.shape[1:]) != math.prod(want):
+        raise ValueError(
+            f"x_{part} has per-example shape {tuple(x.shape[1:])} but the model takes {want}"
+        )
+    x = np.asarray(x).reshape(x.shape[0], *want)
+    return x.astype(np.dtype(dtype)), np.asarray(y).astype(np.int32)
+
+
 def _diverged(epoch: int, step: int, loss: float, grad_norm: float, directory) -> TrainingDiverged:
     what = (f"loss = {loss}" if not math.isfinite(loss)
             else f"gradient norm = {grad_norm} (loss = {loss})")
@@ -205,8 +218,12 @@ def _diverged(epoch: int, step: int, loss: float, grad_norm: float, directory) -
     )
 
 
-def _jitted_step(step: Callable) -> Callable:
-    """Jit ``step`` with the minibatch gathered on device from the full arrays by index."""
+def _jitted_step(step: Callable, mesh: Mesh | None = None) -> Callable:
+    """Jit ``step``: on one device with the minibatch gathered on device from the full
+    arrays by index; on a mesh with the minibatch given (split over the mesh) and every
+    output replicated."""
+    if mesh is not None:
+        return jax.jit(step, donate_argnums=(0, 1), out_shardings=devices_lib.replicated(mesh))
 
     def gathered(params, opt_state, rest, x_all, y_all, idx, key):
         return step(params, opt_state, rest, x_all[idx], y_all[idx], key)
@@ -215,12 +232,12 @@ def _jitted_step(step: Callable) -> Callable:
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_step(struct: Structure, optimizer, terms) -> Callable:
-    return _jitted_step(make_train_step(struct, optimizer, terms))
+def _cached_step(struct: Structure, optimizer, terms, mesh: Mesh | None) -> Callable:
+    return _jitted_step(make_train_step(struct, optimizer, terms), mesh)
 
 
-def _step_for(struct: Structure, optimizer, terms) -> Callable:
-    """The jitted step, shared by calls with the same structure, optimizer and terms.
+def _step_for(struct: Structure, optimizer, terms, mesh: Mesh | None = None) -> Callable:
+    """The jitted step, shared by calls with the same structure, optimizer, terms and mesh.
 
     Repeated runs (resuming, seeds, sweeps over data) then compile once. Terms holding
     arrays (unhashable) get a fresh jitted step.
@@ -228,8 +245,43 @@ def _step_for(struct: Structure, optimizer, terms) -> Callable:
     try:
         hash((struct, optimizer, terms))
     except TypeError:
-        return _jitted_step(make_train_step(struct, optimizer, terms))
-    return _cached_step(struct, optimizer, terms)
+        return _jitted_step(make_train_step(struct, optimizer, terms), mesh)
+    return _cached_step(struct, optimizer, terms, mesh)
+
+
+class _Feed(NamedTuple):
+    """Where the batches come from: ``step(params, opt_state, rest, rows, key)`` and
+    ``test(start, stop) -> (x, y)``."""
+
+    step: Callable
+    test: Callable
+
+
+def _device_feed(struct: Structure, data: data_lib.Dataset, dtype, step_fn) -> _Feed:
+    """One device: the whole data on the device, each minibatch gathered there."""
+    x_train, y_train = _device_data(struct, data.x_train, data.y_train, dtype, "train")
+    x_test, y_test = _device_data(struct, data.x_test, data.y_test, dtype, "test")
+
+    def step(params, opt_state, rest, rows, key):
+        return step_fn(params, opt_state, rest, x_train, y_train, jnp.asarray(rows), key)
+
+    return _Feed(step, lambda a, b: (x_test[a:b], y_test[a:b]))
+
+
+def _mesh_feed(struct: Structure, data: data_lib.Dataset, dtype, step_fn, mesh: Mesh) -> _Feed:
+    """A mesh: each process puts the rows of each batch its own devices hold on them."""
+    x_train, y_train = _host_data(struct, data.x_train, data.y_train, dtype, "train")
+    x_test, y_test = _host_data(struct, data.x_test, data.y_test, dtype, "test")
+
+    def rows_of(x, y, rows):
+        # A batch that does not divide over the mesh (the last one) is replicated.
+        sharding = devices_lib.batch_sharding(mesh, len(rows))
+        return devices_lib.host_rows(sharding, x, rows), devices_lib.host_rows(sharding, y, rows)
+
+    def step(params, opt_state, rest, rows, key):
+        return step_fn(params, opt_state, rest, *rows_of(x_train, y_train, rows), key)
+
+    return _Feed(step, lambda a, b: rows_of(x_test, y_test, np.arange(a, b)))
 
 
 @jax.jit
@@ -272,6 +324,7 @@ def train(
     drop_last: bool = False,
     on_epoch: Callable[[dict], Any] | None = None,
     progress: bool = True,
+    mesh: Mesh | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``data`` with ``optimizer`` on a weighted sum of loss terms.
 
@@ -279,6 +332,16 @@ def train(
     evaluated after every epoch. Epoch ``e`` draws its data order and its step keys from
     ``fold_in(key, e)`` only, so results depend on nothing but the arguments, and a run
     resumed from a checkpoint is bitwise identical to an uninterrupted one.
+
+    With a ``mesh`` training is data-parallel: every batch is split over all the mesh's
+    axes and the parameters, optimizer state and model state are replicated. XLA's
+    partitioner turns every batch mean of the loss terms (the robustness terms are
+    per-example too) into a sum across devices, so the metrics equal one device's up to
+    the order of summation; a batch that does not divide over the mesh (the last one) runs
+    replicated. In a multi-process run (:func:`jax.distributed.initialize`) every process
+    calls ``train`` alike and puts only the rows of each batch its own devices hold on
+    them; checkpoints are written and read by all processes together (orbax), and a
+    checkpoint restores on any number of devices.
 
     Args:
       model: a Flax NNX module (e.g. :class:`jaxsens.models.MLP`, :class:`~jaxsens.models.LeNet`);
@@ -299,9 +362,12 @@ def train(
       drop_last: drop each epoch's last incomplete batch.
       on_epoch: called with each epoch's metrics dict after it is recorded (and saved).
       progress: show a tqdm progress bar over epochs (only on a terminal).
+      mesh: train data-parallel over this :class:`jax.sharding.Mesh` (see above);
+        ``None`` or a one-device mesh trains on one device as always.
 
     Returns:
-      :class:`TrainResult` ``(model, history)``. Each history entry has ``epoch`` (1-based),
+      :class:`TrainResult` ``(model, history)`` (with a mesh, the model's arrays are
+      replicated over it). Each history entry has ``epoch`` (1-based),
       ``train_loss`` (example-weighted mean of the total loss over the epoch's steps),
       ``train_<term>`` for each term (unweighted means), ``train_accuracy`` (of the clean
       forward pass during the epoch), ``grad_norm`` (mean global gradient norm),
@@ -331,13 +397,20 @@ def train(
     eval_struct = inference_structure(model, example)
     for _, term in terms:
         term.check(struct)
+    if mesh is not None and not isinstance(mesh, Mesh):
+        raise ValueError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
+    # A mesh of one device is one device: the same program and numbers as without a mesh.
+    mesh = None if mesh is None or mesh.size == 1 else devices_lib.auto_axes(mesh)
     # Fresh buffers: the step donates params / opt_state, which must not be the module's own.
     params = jax.tree.map(jnp.array, pm.params)
     opt_state = optimizer.init(params)
+    if mesh is not None:  # one copy per device, every process's (restored into the same)
+        params, opt_state, rest = devices_lib.replicate((params, opt_state, rest), mesh)
     dtype = _float_dtype(params)
-    x_train, y_train = _device_data(struct, data.x_train, data.y_train, dtype, "train")
-    x_test, y_test = _device_data(struct, data.x_test, data.y_test, dtype, "test")
-    n_train = x_train.shape[0]
+    step_fn = _step_for(struct, optimizer, terms, mesh)
+    feed = (_device_feed(struct, data, dtype, step_fn) if mesh is None
+            else _mesh_feed(struct, data, dtype, step_fn, mesh))
+    n_train, n_test = data.x_train.shape[0], data.x_test.shape[0]
     steps_per_epoch = data_lib.num_batches(n_train, batch_size, drop_last=drop_last)
     if steps_per_epoch == 0:
         raise ValueError(f"no training steps: {n_train} examples, batch_size={batch_size} and "
@@ -360,7 +433,6 @@ def train(
     # Fresh and restored state alike committed to their device: one jit cache entry for both.
     params, opt_state = jax.tree.map(lambda a: jax.device_put(a, a.sharding),
                                      (params, opt_state))
-    step = _step_for(struct, optimizer, terms)
     evaluate = make_eval_fn(eval_struct)
     index = np.arange(n_train)
 
@@ -375,9 +447,8 @@ def train(
             acc = _EpochSums(("loss", *names, "correct", "grad_norm"), epoch + 1, directory)
             pending = None
             for s, (idx, _) in enumerate(order):
-                params, opt_state, rest, m = step(params, opt_state, rest, x_train, y_train,
-                                                  jnp.asarray(idx),
-                                                  jax.random.fold_in(step_root, s))
+                params, opt_state, rest, m = feed.step(params, opt_state, rest, idx,
+                                                       jax.random.fold_in(step_root, s))
                 # Check the previous step while this one runs (keeps the device busy).
                 if pending is not None:
                     acc.add(*pending)
@@ -389,7 +460,7 @@ def train(
             if not bool(_all_finite(params)):
                 raise _diverged(epoch + 1, steps_per_epoch - 1, float("nan"), float("nan"),
                                 directory)
-            test_loss, test_acc = _evaluate(evaluate, params, rest, x_test, y_test,
+            test_loss, test_acc = _evaluate(evaluate, params, rest, feed.test, n_test,
                                             eval_batch_size)
             record = {
                 "epoch": epoch + 1,

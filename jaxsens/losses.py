@@ -784,6 +784,13 @@ def make_loss(name: str, **kwargs: Any) -> LossTerm:
 
     Raises:
       ValueError: unknown name, unknown or missing arguments, bad values (one line).
+
+    Examples:
+      >>> from jaxsens.losses import make_loss
+      >>> make_loss("jacobian", num_projections=2)
+      JacobianPenalty(site='input', num_projections=2)
+      >>> make_loss("noise", site="h0", noise={"law": "absolute", "level": 0.1}).noise
+      Absolute(level=0.1)
     """
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; valid: {', '.join(LOSSES)}")

@@ -262,6 +262,16 @@ class RelativeNorm(LawDefaults):
 
     Both have E[ηηᵀ] = (ε‖v‖)²/n · I. On a weight this is relative noise in the
     Frobenius norm.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxsens.noise import RelativeNorm
+      >>> v = jnp.ones(100)
+      >>> eta = RelativeNorm(0.05).sample(jax.random.key(0), v)
+      >>> round(float(jnp.linalg.norm(eta) / jnp.linalg.norm(v)), 6)  # exactly 5%
+      0.05
+      >>> round(float(RelativeNorm(0.05).covariance(v).scale2), 6)  # (ε‖v‖)²/n
+      0.0025
     """
 
     level: float = 0.05

@@ -93,6 +93,14 @@ def gaussian_norm_mean(m: Float[Array, "k k"]) -> Float[Array, ""]:
 
     Returns:
       The scalar E‖z‖ = :func:`gaussian_norm_mean_from_eigs` of the eigenvalues of ``m``.
+
+    Examples:
+      E‖z‖ for z ~ N(0, I₂) is √(π/2):
+
+      >>> import jax.numpy as jnp
+      >>> from jaxsens.quadrature import gaussian_norm_mean
+      >>> round(float(gaussian_norm_mean(jnp.eye(2))), 4)
+      1.2533
     """
     return gaussian_norm_mean_from_eigs(jnp.linalg.eigvalsh(m))
 

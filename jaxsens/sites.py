@@ -584,6 +584,12 @@ def activation_sites(model: nnx.Module | PureModel,
 
     Raises:
       ValueError: the input shape cannot be determined or does not fit the model.
+
+    Examples:
+      >>> import jaxsens as js
+      >>> from flax import nnx
+      >>> js.activation_sites(js.models.MLP(4, [8, 8], 2, rngs=nnx.Rngs(0)))
+      ('h0', 'h1')
     """
     return split(model, x).activation_sites
 
@@ -603,6 +609,12 @@ def weight_sites(model: nnx.Module | PureModel,
 
     Raises:
       ValueError: the input shape cannot be determined or does not fit the model.
+
+    Examples:
+      >>> import jaxsens as js
+      >>> from flax import nnx
+      >>> js.weight_sites(js.models.MLP(4, [8], 2, rngs=nnx.Rngs(0)))
+      ('layers/0/bias', 'layers/0/kernel', 'layers/1/bias', 'layers/1/kernel')
     """
     return split(model, x).weight_sites
 

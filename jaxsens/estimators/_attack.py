@@ -28,7 +28,7 @@ from .. import noise as noise_lib
 from ..bounds import project_l1_ball
 from ..paths import param
 from ..sites import INPUT, PureModel, SiteInfo, Structure
-from ._common import check_inputs, compiled_kernel
+from ._common import check_inputs, compiled_kernel, example_index
 from ._deviation import DEFAULT_QUANTILES, Deviation, deviation
 
 __all__ = ["attack", "attack_body", "attack_table", "attack_applies", "check_attack_law"]
@@ -139,7 +139,9 @@ def attack_body(struct: Structure, params, rest, x, law, key, *, site: str,
         return jnp.sqrt(best)
 
     v = x if site == INPUT else (values[site] if not weight else x)
-    keys = jax.random.split(key, batch)
+    # Example i's restarts use fold_in(key, i), i its global number: a batch split over
+    # devices gives the numbers of one device.
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(example_index(batch))
     lower = jax.vmap(one)(x, v, keys)
     # (``almost_sure`` describes ``upper``, which the attack does not give.)
     return deviation(batch, k, dtype, quantile_levels=qlevels, lower=lower)
@@ -181,6 +183,19 @@ def attack(
 
     Raises:
       ValueError: bad inputs, or a law without a norm ball (multiplicative noise).
+
+    Examples:
+      The attack and the bound bracket the worst case:
+
+      >>> import jax, jax.numpy as jnp, jaxsens as js
+      >>> from flax import nnx
+      >>> model = js.models.MLP(4, [8], 2, rngs=nnx.Rngs(0))
+      >>> x = jax.random.normal(jax.random.key(1), (3, 4))
+      >>> eta = js.noise.RelativeNorm(0.05)
+      >>> lower = js.attack(model, x, site="h0", noise=eta, steps=10).lower
+      >>> upper = js.bound(model, x, site="h0", noise=eta).upper
+      >>> bool(jnp.all(lower <= upper))
+      True
     """
     p = check_inputs(model, x, site, noise)
     reason = check_attack_law(noise, p.structure.site(site))

@@ -208,6 +208,22 @@ def bound(
 
     Returns:
       A :class:`Deviation` with ``upper`` and ``almost_sure``.
+
+    Examples:
+      The sphere law is bounded, so the bound holds for every draw:
+
+      >>> import jax, jax.numpy as jnp, jaxsens as js
+      >>> from flax import nnx
+      >>> model = js.models.MLP(4, [8], 2, rngs=nnx.Rngs(0))
+      >>> x = jax.random.normal(jax.random.key(1), (3, 4))
+      >>> eta = js.noise.RelativeNorm(0.05)
+      >>> b = js.bound(model, x, site="h0", noise=eta)
+      >>> bool(b.almost_sure)
+      True
+      >>> r = js.sampled(model, x, site="h0", noise=eta, key=jax.random.key(0),
+      ...                num_samples=100, quantiles=[1.0])
+      >>> bool(jnp.all(r.quantiles[:, 0] <= b.upper))
+      True
     """
     del key
     p = check_inputs(model, x, site, noise)

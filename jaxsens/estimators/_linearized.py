@@ -165,6 +165,19 @@ def linearized(
 
     Returns:
       A :class:`Deviation` with mean, rms, delta_mean (zeros), delta_cov and factor.
+
+    Examples:
+      Under relative-norm noise the root mean square is exactly ε times the factor:
+
+      >>> import jax, jax.numpy as jnp, jaxsens as js
+      >>> from flax import nnx
+      >>> model = js.models.MLP(4, [8], 2, rngs=nnx.Rngs(0))
+      >>> x = jax.random.normal(jax.random.key(1), (3, 4))
+      >>> p = js.linearized(model, x, site="h0", noise=js.noise.RelativeNorm(0.05))
+      >>> p.mean.shape, p.delta_cov.shape
+      ((3,), (3, 2, 2))
+      >>> bool(jnp.allclose(p.rms, 0.05 * p.factor, rtol=1e-5))
+      True
     """
     del key
     p = check_inputs(model, x, site, noise)

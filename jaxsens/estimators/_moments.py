@@ -98,6 +98,15 @@ def moments(
 
     Returns:
       A :class:`Deviation` with mean, rms, delta_mean and delta_cov.
+
+    Examples:
+      >>> import jax, jaxsens as js
+      >>> from flax import nnx
+      >>> model = js.models.MLP(4, [8], 2, rngs=nnx.Rngs(0))
+      >>> x = jax.random.normal(jax.random.key(1), (3, 4))
+      >>> m = js.propagate_moments(model, x, noise=js.noise.Absolute(0.1))
+      >>> m.delta_mean.shape, m.delta_cov.shape, m.estimator
+      ((3, 2), (3, 2, 2), 'moments')
     """
     del key
     check_moments(site, noise, method)

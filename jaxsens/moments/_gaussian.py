@@ -127,6 +127,13 @@ def relu_mean(
 
     References:
       Bibi, Alfadly, Ghanem, CVPR 2018.
+
+    Examples:
+      E relu(y) for y ~ N(0, 1) is 1/√(2π):
+
+      >>> from jaxsens.moments import relu_mean
+      >>> round(float(relu_mean(0.0, 1.0)), 4)
+      0.3989
     """
     mu, sigma = _promote(mu, sigma)
     alpha, sigma_safe = _standardize(mu, sigma)
@@ -415,6 +422,13 @@ def bivariate_normal_cdf(
     References:
       Owen, Ann. Math. Stat. 27, 1956. Patefield and Tandy, J. Stat. Softw. 5(5), 2000.
       Genz, Statistics and Computing 14, 2004 (the reference method used in the tests).
+
+    Examples:
+      >>> from jaxsens.moments import bivariate_normal_cdf
+      >>> round(float(bivariate_normal_cdf(0.0, 0.0, 0.0)), 6)
+      0.25
+      >>> round(float(bivariate_normal_cdf(0.0, 0.0, 0.5)), 6)  # 1/4 + arcsin(ρ)/2π
+      0.333333
     """
     h, k, rho = _promote(h, k, rho)
     return _bvn_cdf(h, k, rho)
@@ -789,6 +803,17 @@ def affine_relu_affine(
     References:
       Bibi, Alfadly, Ghanem, CVPR 2018 (mean; variance at zero mean). Rosenbaum, JRSS B 23,
       1961 (the general-mean cross moment).
+
+    Examples:
+      One unit, A = B = 1, x ~ N(0, 1): the mean of relu(x) is 1/√(2π) and its variance
+      ½ − 1/(2π):
+
+      >>> import jax.numpy as jnp
+      >>> from jaxsens.moments import affine_relu_affine
+      >>> one, zero = jnp.ones((1, 1)), jnp.zeros(1)
+      >>> g = affine_relu_affine(one, zero, one, zero, zero, one)
+      >>> round(float(g.mean[0]), 4), round(float(g.cov[0, 0]), 4)
+      (0.3989, 0.3408)
     """
     A, c1, B, c2, mu, Sigma = (jnp.asarray(v) for v in (A, c1, B, c2, mu, Sigma))
     mu_t, Sigma_t = _pre_activation(A, c1, mu, Sigma)

@@ -8,6 +8,7 @@ so biases are non-zero): eager Flax initialisation compiles one XLA program per 
 shape, which would dominate the suite's run time on a small CPU machine.
 """
 
+import gc
 import os
 
 import jax
@@ -28,6 +29,19 @@ os.environ.setdefault(
 # The CLI's persistent compilation cache stays off in tests (no writes to the home
 # directory); test_compile_cache.py turns it on in subprocesses of its own.
 os.environ["JAXSENS_COMPILE_CACHE"] = "off"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _bounded_compilation_caches():
+    """Drop JAX's in-process caches of compiled programs after each test module.
+
+    One process runs the whole suite; kept forever, the executables of ~650 tests pile
+    up (programs rarely repeat across modules), and a long run once died inside an XLA
+    compilation. Clearing per module bounds that state at little cost.
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture

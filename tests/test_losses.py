@@ -292,11 +292,16 @@ def test_total_loss_compiles_once():
         ("jacobian", {"num_projections": 2}, losses.JacobianPenalty),
         ("linearized", {"site": "input", "noise": nz.Absolute(0.1)}, losses.LinearizedPenalty),
         ("expected_gaussian", {"sigma": 0.1}, losses.ExpectedGaussianLoss),
+        ("adversarial", {"eps": 0.1}, losses.AdversarialInputLoss),
+        ("weight_margin", {"eps": 0.01, "layers": [0]}, losses.WeightMarginLoss),
+        ("linf_norm", {}, losses.LinfNormPenalty),
+        ("theory", {"lam": 0.3, "mu": 0.01}, losses.TheoryLoss),
     ],
 )
 def test_make_loss_builds_every_registered_term(name, kwargs, cls):
     assert set(losses.LOSSES) == {"cross_entropy", "noise", "jacobian", "linearized",
-                                  "expected_gaussian"}
+                                  "expected_gaussian", "adversarial", "weight_margin",
+                                  "linf_norm", "theory"}
     term = losses.make_loss(name, **kwargs)
     assert isinstance(term, cls) and term.name == name
 
@@ -305,7 +310,7 @@ def test_make_loss_builds_every_registered_term(name, kwargs, cls):
     ("call", "match"),
     [
         (lambda: losses.make_loss("hinge"),
-         "valid: cross_entropy, noise, jacobian, linearized, expected_gaussian"),
+         "valid: cross_entropy, noise, jacobian, linearized, expected_gaussian, adversarial"),
         (lambda: losses.make_loss("jacobian", projections=2), r"unknown argument.*projections"),
         (lambda: losses.make_loss("noise", site="h0"), r"needs argument.*noise"),
         (lambda: losses.make_loss("noise", site="h0", noise={"law": "laplace"}),

@@ -255,7 +255,10 @@ def output_linf_bound(model, x, *, eps, layers: Sequence[int], relative: bool = 
 def _norms_and_logits(pm: PureModel, x: jax.Array) -> tuple[list[jax.Array], jax.Array]:
     """:func:`_hidden_norms` and the flattened logits, from the same forward pass."""
     g = graph_lib.read(pm.structure, x.dtype)
-    steps = graph_lib.dense_chain(g)
+    try:
+        steps = graph_lib.dense_chain(g)
+    except graph_lib.GraphError as err:
+        raise ValueError(str(err)) from None
     weights, rest = graph_lib.state_arrays(pm.structure, pm.params, pm.rest)
     capture = [v for v in (g.nodes[s.node].inputs[0] for s in steps) if isinstance(v, int)]
 
@@ -298,20 +301,7 @@ def margin_bound_and_logits(model, x, y, *, eps, layers: Sequence[int], relative
 
 def _hidden_norms(pm: PureModel, x: jax.Array) -> list[jax.Array]:
     """``‖h_k(x)‖_∞`` of every dense layer's input (``h_0 = x``), per example."""
-    g = graph_lib.read(pm.structure, x.dtype)
-    try:
-        steps = graph_lib.dense_chain(g)
-    except graph_lib.GraphError as err:
-        raise ValueError(str(err)) from None
-    weights, rest = graph_lib.state_arrays(pm.structure, pm.params, pm.rest)
-    ins = [g.nodes[s.node].inputs[0] for s in steps]
-    capture = [v for v in ins if isinstance(v, int)]
-
-    def one(x1):
-        env = graph_lib.evaluate(g, weights, rest, x1[None], capture=capture)
-        return [jnp.max(jnp.abs(env[v])) for v in capture]
-
-    return list(jax.vmap(one)(x.reshape(x.shape[0], *pm.input_shape)))
+    return _norms_and_logits(pm, x)[0]
 
 
 def _prepare(model, x, y) -> tuple[PureModel, jax.Array, jax.Array]:

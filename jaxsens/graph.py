@@ -204,7 +204,7 @@ class Graph:
 
 
 _LOCK = threading.Lock()
-_GRAPHS: dict[tuple[Structure, str], Graph] = {}
+_GRAPHS: dict[tuple[Structure, Any], Graph] = {}  # keyed by dtype name, and as asked
 
 
 def _where(eqn) -> str:
@@ -287,17 +287,23 @@ def read(struct: Structure, dtype=None) -> Graph:
     Returns:
       The :class:`Graph`: one trace per (structure, dtype), reused afterwards.
     """
+    g = _GRAPHS.get((struct, dtype))  # a repeated call: one look-up
+    if g is not None:
+        return g
+    asked = dtype
     if dtype is None:
         floats = [dt for _, _, _, dt in struct.state_spec[0] if jnp.issubdtype(dt, jnp.floating)]
         dtype = jnp.result_type(*floats) if floats else jnp.float32
     key = (struct, jnp.dtype(dtype).name)
     g = _GRAPHS.get(key)
     if g is not None:
-        return g
+        with _LOCK:
+            return _GRAPHS.setdefault((struct, asked), g)
     with jax.ensure_compile_time_eval():
         g = _trace(struct, jnp.dtype(dtype))
     with _LOCK:
-        return _GRAPHS.setdefault(key, g)
+        g = _GRAPHS.setdefault(key, g)
+        return _GRAPHS.setdefault((struct, asked), g)
 
 
 def _trace(struct: Structure, dtype) -> Graph:

@@ -74,8 +74,18 @@ def check_key(key) -> None:
         raise ValueError("key must be a JAX PRNG key, e.g. jax.random.key(0)")
 
 
+# (structure, site, law type) → site info, for law types found valid there: a repeated
+# call skips the protocol check (``isinstance`` on a runtime Protocol costs ~15 µs).
+_VALID_LAWS: dict[tuple[Structure, str, type], SiteInfo] = {}
+
+
 def check_law(structure: Structure, site: str, noise) -> SiteInfo:
     """The site's info, after checking that ``noise`` is a law that applies there."""
+    known = _VALID_LAWS.get((structure, site, type(noise)))
+    if known is not None:
+        if type(noise).check_shape is not noise_lib.LawDefaults.check_shape:
+            noise.check_shape(known.shape)
+        return known
     info = structure.site(site)
     if not isinstance(noise, noise_lib.NoiseLaw):
         raise ValueError(
@@ -88,6 +98,9 @@ def check_law(structure: Structure, site: str, noise) -> SiteInfo:
             f"applies to {', '.join(noise.applies_to)} sites"
         )
     noise.check_shape(info.shape)
+    if len(_VALID_LAWS) > 4096:
+        _VALID_LAWS.clear()
+    _VALID_LAWS[(structure, site, type(noise))] = info
     return info
 
 

@@ -13,8 +13,9 @@ It prints, measured in the same run:
    for the README's "library in ten lines" (MLP 784-256-256-10, batch 32).
 2. **all-site linearized** (``profile(..., estimators=("linearized",))``, every
    activation site from one reverse sweep) and **sampled** as fractions of the matmul
-   roofline measured in the same run at the precision in use (FLOPs: k backward sweeps
-   through the layers after the first site, 2·k·B·Σ in·out; sampled: draws × examples ×
+   roofline measured in the same run at the precision in use (FLOPs: the forward pass,
+   2·B·Σ in·out, and k backward sweeps through the layers after the first site,
+   2·k·B·Σ in·out; sampled: draws × examples ×
    suffix FLOPs plus the normal draws at the measured draw rate); targets ≥ 60% on a CPU,
    ≥ 50% on a GPU.
 3. **bound / one jitted forward pass**: the public bound with the model's Lipschitz
@@ -39,7 +40,7 @@ from flax import nnx
 from timing import draw_rate, interleaved, matmul_rate
 
 import jaxsens as js
-from jaxsens.estimators import _bound, _linearized, _moments, _sampled
+from jaxsens.estimators import _attack, _bound, _linearized, _moments, _sampled
 from jaxsens.estimators._linearized import example_chunk
 from jaxsens.estimators._sampled import default_chunk
 
@@ -49,7 +50,7 @@ def mlp(din, widths, dout, seed=0):
 
 
 def suffix_macs(sizes, first: int) -> int:
-    """Σ in·out over the dense layers after hidden site ``h{first}``."""
+    """Σ in·out over the dense layers after hidden site ``h{first}`` (``-1``: all of them)."""
     pairs = list(zip(sizes[:-1], sizes[1:], strict=True))
     return sum(i * o for i, o in pairs[first + 1:])
 
@@ -83,6 +84,11 @@ def public_vs_kernel(model, x, key, samples, repeats) -> list[tuple[str, float, 
             lambda: js.propagate_moments(model, x, noise=gauss),
             lambda: _moments._kernel(adapter, arrays, x, gauss, method="two_stage",
                                      split_at=None, qlevels=q)),
+        "attack": (
+            lambda: js.attack(model, x, site=site, noise=law, key=key),
+            lambda: _attack._kernel(adapter, arrays, x, law, key, site=site,
+                                    steps=_attack.DEFAULT_STEPS,
+                                    restarts=_attack.DEFAULT_RESTARTS, qlevels=q)),
     }
     rows = []
     for name in js.ESTIMATORS:
@@ -144,7 +150,8 @@ def main() -> None:
                           estimators=("linearized",))
 
     t_lin = interleaved({"lin": (all_sites, ())}, repeats)["lin"]
-    lin_flops = 2.0 * k * batch * suffix_macs(sizes, 0)
+    # The forward pass (activations and ReLU masks) plus k backward sweeps.
+    lin_flops = 2.0 * batch * suffix_macs(sizes, -1) + 2.0 * k * batch * suffix_macs(sizes, 0)
     lin_frac = lin_flops / t_lin / roof
     rows.append((f"all-site linearized, {len(sites)} sites ({lin_flops / 1e9:.1f} GFLOP)",
                  f"{1e3 * t_lin:9.2f} ms", "", ""))

@@ -122,6 +122,56 @@ def test_gaussian_norm_mean_isotropic_rank_closed_form(x64, rank):
     assert got == pytest.approx(closed, rel=1e-10)
 
 
+@pytest.mark.parametrize("rank", [1, 2, 5, 8])
+def test_single_precision_rule_accurate_to_1e8(x64, rank):
+    """The shorter float32 rule, evaluated in float64 (no float32 rounding), against the
+    closed form and the double-precision rule: its own error stays under 1e-8 relative
+    for spectra from rank 1 to full rank and with a 1e6 spread."""
+    from jaxsens import quadrature
+
+    k, s = 8, 0.7
+    d = np.where(np.arange(k) < rank, s**2, 0.0)
+    closed = s * math.sqrt(2.0) * math.exp(gammaln((rank + 1) / 2) - gammaln(rank / 2))
+    spread = np.logspace(0, -6, k)
+    for lam, want in ((d, closed),
+                      (spread, quadrature.gaussian_norm_mean_from_eigs(jnp.asarray(spread)))):
+        fine, _ = quadrature._integrals(jnp.asarray(lam / lam.sum()))  # float64: fine rule
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(quadrature, "rule", lambda dtype: (quadrature.NODES_SINGLE,
+                                                          quadrature.STEP_SINGLE))
+            coarse, _ = quadrature._integrals(jnp.asarray(lam / lam.sum()))
+        assert float(coarse) * math.sqrt(lam.sum()) == pytest.approx(float(want), rel=1e-8)
+        assert float(coarse) == pytest.approx(float(fine), rel=1e-8)
+
+
+@pytest.mark.parametrize("rank", [1, 3, 8])
+def test_noncentral_norm_mean_singular_covariance_finite_and_in_float32(x64, rank):
+    """E‖z‖ of the moments for a singular covariance (rounding makes I + xC look
+    indefinite at the largest nodes): finite, equal to the closed form of a centred
+    isotropic rank-r Gaussian, and the float32 rule agrees with float64 to rounding."""
+    from jaxsens import quadrature
+    from jaxsens.moments import _network
+    from jaxsens.moments._network import noncentral_norm_mean
+
+    k, s = 8, 0.7
+    q, _ = np.linalg.qr(np.random.default_rng(rank).standard_normal((k, k)))
+    cov = (q * np.where(np.arange(k) < rank, s**2, 0.0)) @ q.T
+    closed = s * math.sqrt(2.0) * math.exp(gammaln((rank + 1) / 2) - gammaln(rank / 2))
+    got = float(jax.jit(noncentral_norm_mean)(jnp.zeros(k), jnp.asarray(cov)))
+    assert got == pytest.approx(closed, rel=1e-12)
+    mean = q[:, -1]  # outside the covariance's range when rank < k
+    f64 = float(jax.jit(noncentral_norm_mean)(jnp.asarray(mean), jnp.asarray(cov)))
+    with pytest.MonkeyPatch.context() as mp:  # the float32 rule, evaluated in float64
+        mp.setattr(_network, "quadrature_rule", lambda dtype: (quadrature.NODES_SINGLE,
+                                                               quadrature.STEP_SINGLE))
+        coarse = float(noncentral_norm_mean(jnp.asarray(mean), jnp.asarray(cov)))
+    assert math.isfinite(f64) and coarse == pytest.approx(f64, rel=5e-8)
+    # In float32 the Cholesky factors themselves round (~1e-5 with the fine rule too).
+    f32 = float(jax.jit(noncentral_norm_mean)(jnp.asarray(mean, jnp.float32),
+                                              jnp.asarray(cov, jnp.float32)))
+    assert f32 == pytest.approx(f64, rel=5e-5)
+
+
 def test_gaussian_norm_mean_gradient_and_zero(x64):
     a = np.random.default_rng(2).standard_normal((4, 4))
     m = jnp.asarray(a @ a.T + 0.1 * np.eye(4))

@@ -200,9 +200,14 @@ def linearized_table(struct: Structure, params, rest, x, laws, levels, *,
     """
     unit = tuple(law.with_level(1.0) for law in laws)
     outs = sandwiches(struct, params, rest, x, unit, sites=sites, chunk=chunk)
+    # Every site's k × k eigenproblems in one batched call (one LAPACK loop on a CPU,
+    # instead of one per site competing with the sweep).
+    batch = x.shape[0]
+    means, rmss = linear_predictions(jnp.concatenate([m for m, _, _ in outs]),
+                                     jnp.concatenate([mf for _, _, mf in outs]))
     rows = []
-    for law, (m, factor, mf) in zip(laws, outs, strict=True):
-        mean1, rms1 = linear_predictions(m, mf)
+    for i, (law, (m, factor, _)) in enumerate(zip(laws, outs, strict=True)):
+        mean1, rms1 = means[i * batch:(i + 1) * batch], rmss[i * batch:(i + 1) * batch]
         dev = deviation(x.shape[0], m.shape[-1], m.dtype, quantile_levels=qlevels,
                         mean_exact=law.mean_rule != "approx", mean=mean1, rms=rms1,
                         delta_mean=jnp.zeros(m.shape[:2], m.dtype), delta_cov=m,

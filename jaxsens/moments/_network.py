@@ -28,7 +28,7 @@ from jaxtyping import Array, Float
 
 from .. import graph as graph_lib
 from ..precision import exact
-from ..quadrature import NODES, STEP
+from ..quadrature import rule as quadrature_rule
 from ..sites import PureModel, split
 from ._gaussian import GaussianMoments, affine_relu_affine, relu_mean, relu_moments
 from ._gaussian import relu_second_moment as _relu_m2
@@ -462,7 +462,8 @@ def noncentral_norm_mean(m: Float[Array, " k"], c: Float[Array, "k k"]) -> Float
     scale = jnp.trace(c) + jnp.sum(m**2)
     safe = jnp.where(scale > 0, scale, 1.0)
     cn, mn = c / safe, m / jnp.sqrt(safe)
-    u = jnp.asarray(NODES, m.dtype)
+    nodes, step = quadrature_rule(m.dtype)
+    u = jnp.asarray(nodes, m.dtype)
     t = jnp.exp(u)
     eye = jnp.eye(k, dtype=m.dtype)
     powers = [eye]
@@ -481,9 +482,16 @@ def noncentral_norm_mean(m: Float[Array, " k"], c: Float[Array, "k k"]) -> Float
         series_logdet = x * tr[1] - x**2 * tr[2] / 2 + x**3 * tr[3] / 3 - x**4 * tr[4] / 4
         series_q = quad[0] - x * quad[1] + x**2 * quad[2] - x**3 * quad[3]
         series = -0.5 * series_logdet - tt * series_q
+        # A singular C has eigenvalues of about −k·eps after rounding: once x·k·eps ≳ 1
+        # the Cholesky factorization fails (NaN) though I + xC is positive definite. There
+        # E e^{-t‖z‖²} ≤ (k/x)^{½} is below ~1e-7 and its weight e^{-u/2} as small:
+        # count it as 0 (an error ~1e-14 relative). A NaN at smaller x (C itself
+        # indefinite) stays NaN.
+        rounding = x * k * jnp.finfo(m.dtype).eps >= 0.5
+        exact = jnp.where(jnp.isnan(exact) & rounding, -jnp.inf, exact)
         return jnp.where(x * jnp.maximum(tr[1], 1e-30) < 1e-4, series, exact)
 
     logp = jax.vmap(node)(t)
-    w = STEP * jnp.exp(-0.5 * u) / (2.0 * math.sqrt(math.pi))
+    w = step * jnp.exp(-0.5 * u) / (2.0 * math.sqrt(math.pi))
     val = jnp.sum(w * -jnp.expm1(logp))
     return jnp.where(scale > 0, jnp.sqrt(safe) * val, 0.0)

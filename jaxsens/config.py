@@ -79,10 +79,15 @@ class ScheduleConfig(Frozen):
 
 
 class LossTermConfig(Frozen):
-    """One weighted loss term: ``kind`` from :data:`jaxsens.losses.LOSSES`."""
+    """One weighted loss term: ``kind`` from :data:`jaxsens.losses.LOSSES`.
+
+    ``warmup_steps`` > 0 ramps the weight linearly from 0 to ``weight`` over the first
+    that many optimizer steps of the training (:class:`jaxsens.losses.Warmup`).
+    """
 
     kind: str
     weight: float = Field(1.0, ge=0, allow_inf_nan=False)
+    warmup_steps: int = Field(0, ge=0)
     site: str | None = None
     noise: NoiseConfig | None = None
     options: dict[str, Any] = Field(default_factory=dict)

@@ -56,6 +56,8 @@ __all__ = [
     "LinfNormPenalty",
     "TheoryLoss",
     "WeightedSum",
+    "Warmup",
+    "weight_at",
     "total_loss",
     "term_names",
     "normalize_terms",
@@ -613,6 +615,74 @@ class LinfNormPenalty(LossTerm):
 
 
 # --------------------------------------------------------------------------- combining
+# --------------------------------------------------------------------------- weights
+@dataclasses.dataclass(frozen=True)
+class Warmup:
+    """A term weight that ramps up linearly: ``weight · clip((step − start) / steps, 0, 1)``.
+
+    The weight is 0 until optimizer step ``start`` (0-based, counted over the whole
+    training), grows linearly over the next ``steps`` steps and stays at ``weight`` after;
+    ``steps = 0`` is the constant ``weight`` from ``start`` on. Use it in place of a number
+    in ``[(weight, term), ...]``, e.g. ``(Warmup(0.3, 500), WeightMarginLoss(eps=0.01))``,
+    or as ``warmup_steps`` of a loss term in a config: a robustness term switched on at
+    full strength from random initialization can keep the network from learning at all
+    (the margin bound is loose while the margins are small), so it is phased in.
+
+    Attributes:
+      weight: the weight after the warm-up.
+      steps: the length of the linear ramp in optimizer steps.
+      start: the step the ramp starts at.
+
+    Examples:
+      >>> from jaxsens.losses import Warmup
+      >>> w = Warmup(0.3, steps=100)
+      >>> [round(float(w(s)), 3) for s in (0, 50, 100, 1000)]
+      [0.0, 0.15, 0.3, 0.3]
+    """
+
+    weight: float
+    steps: int
+    start: int = 0
+
+    def __post_init__(self):
+        w, n, s = self.weight, self.steps, self.start
+        if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) \
+                or w < 0:
+            raise ValueError(f"Warmup weight must be a finite number >= 0, got {w!r}")
+        for name, v in (("steps", n), ("start", s)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"Warmup {name} must be an integer >= 0, got {v!r}")
+
+    def __call__(self, step) -> jax.Array:
+        """The weight at optimizer step ``step`` (an integer or a traced scalar)."""
+        t = jnp.asarray(step, jnp.float32) - self.start
+        ramp = jnp.clip(t / max(self.steps, 1), 0.0, 1.0) if self.steps else \
+            (t >= 0).astype(jnp.float32)
+        return self.weight * ramp
+
+
+def weight_at(weight, step) -> Any:
+    """A term weight at optimizer step ``step``: ``weight(step)`` for a schedule
+    (:class:`Warmup`, an Optax schedule), the number itself otherwise.
+
+    Args:
+      weight: a number or a callable of the step.
+      step: the step (``None`` outside training).
+
+    Returns:
+      The weight to multiply the term's mean with.
+
+    Raises:
+      ValueError: a schedule without a step.
+    """
+    if not callable(weight):
+        return weight
+    if step is None:
+        raise ValueError(f"the loss weight {weight!r} is a schedule and needs the optimizer "
+                         f"step: pass step= (jaxsens.train passes it)")
+    return weight(step)
+
+
 def normalize_terms(
     terms: LossTerm | Sequence[tuple[float, LossTerm] | LossTerm],
 ) -> tuple[tuple[float, LossTerm], ...]:
@@ -620,7 +690,8 @@ def normalize_terms(
 
     Args:
       terms: a :class:`LossTerm`, or a sequence whose entries are loss terms or
-        ``(weight, term)`` pairs (tuples or lists of two).
+        ``(weight, term)`` pairs (tuples or lists of two). A weight is a number or a
+        schedule of the optimizer step (:class:`Warmup`, an Optax schedule).
 
     Returns:
       ``((weight, term), ...)`` in the given order; a bare term gets weight ``1.0``, a
@@ -701,9 +772,11 @@ class WeightedSum(LossTerm):
                                                       strict=True))
         }
 
-    def __call__(self, struct, params, rest, x, y, key):
+    def __call__(self, struct, params, rest, x, y, key, step=None):
+        """Σ_i w_i · term_i per example, scheduled weights taken at ``step``."""
         parts = self.parts(struct, params, rest, x, y, key)
-        return sum(w * p for (w, _), p in zip(self.terms, parts.values(), strict=True))
+        return sum(weight_at(w, step) * p
+                   for (w, _), p in zip(self.terms, parts.values(), strict=True))
 
 
 def total_loss(
@@ -714,25 +787,32 @@ def total_loss(
     x: Float[Array, "batch ..."],
     y: Int[Array, " batch"],
     key: jax.Array,
+    step: Any = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The scalar training objective Σ_i w_i · mean_b term_i(x_b) and each term's mean.
 
     Args:
-      terms: ``[(weight, term), ...]`` (a bare term has weight 1).
+      terms: ``[(weight, term), ...]`` (a bare term has weight 1; a weight may be a
+        schedule of the step, :class:`Warmup`).
       struct: the model structure; ``params``, ``rest`` its arrays.
       x: inputs ``(batch, ...)``; y: labels ``(batch,)``; key: PRNG key (term ``i`` gets
         ``fold_in(key, i)``).
+      step: the optimizer step (0-based) at which scheduled weights are taken; needed
+        only when there are any.
 
     Returns:
       ``(total, {name: batch mean of the unweighted term})`` with names from
       :func:`term_names`.
+
+    Raises:
+      ValueError: a scheduled weight and ``step=None``.
     """
     ws = WeightedSum(normalize_terms(terms))
     parts = ws.parts(struct, params, rest, x, y, key)
     means = {n: jnp.mean(p) for n, p in parts.items()}
     total = jnp.zeros((), jnp.result_type(*means.values()))
     for (w, _), m in zip(ws.terms, means.values(), strict=True):
-        total = total + w * m
+        total = total + jnp.asarray(weight_at(w, step), total.dtype) * m
     return total, means
 
 

@@ -139,7 +139,8 @@ def _loss_terms(cfg: ExperimentConfig):
             kwargs["site"] = t.site
         if t.noise is not None:
             kwargs["noise"] = t.noise.build()
-        terms.append((t.weight, losses_lib.make_loss(t.kind, **kwargs)))
+        weight = losses_lib.Warmup(t.weight, t.warmup_steps) if t.warmup_steps else t.weight
+        terms.append((weight, losses_lib.make_loss(t.kind, **kwargs)))
     return terms
 
 

@@ -84,6 +84,8 @@ BAD_CONFIGS = [
     ("unknown dataset", _with("data.name", "imagenet"), r"data\.name.*'digits'"),
     ("noise loss without site", _with("train.loss", [{"kind": "noise", "weight": 0.1}]),
      r"train\.loss\[0\].*needs `site` and `noise`"),
+    ("negative warm-up", _with("train.loss", [{"kind": "cross_entropy", "warmup_steps": -5}]),
+     r"train\.loss\[0\]\.warmup_steps.*greater than or equal to 0"),
     ("unknown loss kind", _with("train.loss", [{"kind": "hinge"}]),
      r"train\.loss\[0\]\.kind.*cross_entropy"),
     ("bad precision", _with("precision", "float16"), r"precision.*'float32'"),

@@ -79,6 +79,53 @@ def test_training_learns_an_easy_problem(reference):
     assert acc == pytest.approx(h[-1]["test_accuracy"], abs=1e-12)
 
 
+def test_warmup_weight_ramps_inside_the_compiled_step():
+    """A Warmup weight is taken at the step's number: 0 at the start, half-way through the
+    ramp half the weight, the full weight after it; the step compiles once for all."""
+    pm = js.split(_mlp())
+    x, y = _mixture().x_train[:32], _mixture().y_train[:32]
+    noise = losses.NoiseLoss(site="h0", noise=nz.RelativeNorm(0.1))
+    terms = ((1.0, losses.CrossEntropy()), (losses.Warmup(2.0, steps=10), noise))
+    step = jax.jit(tr.make_train_step(pm.structure, ADAM, terms))
+    opt_state = ADAM.init(pm.params)
+    key = jax.random.key(3)
+    got = {c: step(pm.params, opt_state, pm.rest, x, y, key, np.int32(c))[3]
+           for c in (0, 5, 10, 1000)}
+    for c, factor in ((0, 0.0), (5, 1.0), (10, 2.0), (1000, 2.0)):
+        m = got[c]
+        want = float(m["cross_entropy"]) + factor * float(m["noise"])
+        assert float(m["loss"]) == pytest.approx(want, rel=1e-6), c
+    assert float(got[10]["noise"]) > 0  # the term itself is computed all along
+    assert step._cache_size() == 1
+    with pytest.raises(ValueError, match="schedule and needs the optimizer step"):
+        tr.make_train_step(pm.structure, ADAM, terms)(pm.params, opt_state, pm.rest, x, y, key)
+
+
+def test_train_passes_the_global_step_to_scheduled_weights():
+    """Epochs of 5 steps and a 6-step warm-up: in epoch 1 (weights 0 ... 4/6) the total is
+    strictly between cross-entropy and cross-entropy + term; in epoch 3 (steps 10-14, full
+    weight) it is their sum: the step number runs on across epochs."""
+    ds = _mixture(n_train=320)
+    noise = losses.NoiseLoss(site="h0", noise=nz.RelativeNorm(0.1))
+    res = tr.train(_mlp(), ds, optimizer=ADAM, epochs=3, batch_size=64,
+                   loss_terms=((1.0, losses.CrossEntropy()), (losses.Warmup(1.0, 6), noise)),
+                   key=jax.random.key(0), progress=False)
+    h = res.history
+    assert h[0]["train_cross_entropy"] < h[0]["train_loss"] \
+        < h[0]["train_cross_entropy"] + h[0]["train_noise"] - 1e-4
+    assert h[2]["train_loss"] == pytest.approx(
+        h[2]["train_cross_entropy"] + h[2]["train_noise"], rel=1e-6)
+
+
+def test_warmup_rejects_bad_values():
+    assert float(losses.Warmup(0.5, 0, start=3)(2)) == 0.0
+    assert float(losses.Warmup(0.5, 0, start=3)(3)) == 0.5
+    for bad in ({"weight": -1.0, "steps": 1}, {"weight": 1.0, "steps": -2},
+                {"weight": 1.0, "steps": 1.5}, {"weight": float("nan"), "steps": 1}):
+        with pytest.raises(ValueError, match="Warmup"):
+            losses.Warmup(**bad)
+
+
 def test_input_model_is_not_modified():
     model = _mlp()
     before = _leaves(model)

@@ -71,12 +71,15 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     loss_terms: LossTerm | Sequence[tuple[float, LossTerm] | LossTerm],
 ) -> Callable:
-    """The (unjitted) train step ``(params, opt_state, rest, x, y, key) -> (params, opt_state,
-    rest, metrics)``.
+    """The (unjitted) train step ``(params, opt_state, rest, x, y, key, count=None) ->
+    (params, opt_state, rest, metrics)``.
 
     One optimizer step on the objective of :func:`jaxsens.losses.total_loss`,
 
         L(θ) = Σ_i w_i · mean_b term_i(θ; x_b, y_b),
+
+    with scheduled weights (:class:`jaxsens.losses.Warmup`) taken at ``count``, the
+    0-based number of this optimizer step over the whole training,
 
     with the gradient ∇_θ L from ``jax.value_and_grad`` and the update
     ``optimizer.update(grads, opt_state, params)`` applied by ``optax.apply_updates``.
@@ -95,9 +98,11 @@ def make_train_step(
         bare term has weight 1).
 
     Returns:
-      The pure function ``step(params, opt_state, rest, x, y, key)``: ``x`` inputs
-      ``(batch, *input_shape)``, ``y`` integer labels ``(batch,)``, ``key`` the PRNG key of
-      the step (loss term ``i`` gets ``fold_in(key, i)``); it returns the new ``params``,
+      The pure function ``step(params, opt_state, rest, x, y, key, count=None)``: ``x``
+      inputs ``(batch, *input_shape)``, ``y`` integer labels ``(batch,)``, ``key`` the PRNG
+      key of the step (loss term ``i`` gets ``fold_in(key, i)``), ``count`` the step's
+      number (an integer scalar; needed when a weight is a schedule); it returns the new
+      ``params``,
       the new ``opt_state``, the new ``rest`` and the ``metrics`` dict of scalar arrays. Wrap it in
       ``jax.jit`` to compile it.
 
@@ -107,9 +112,9 @@ def make_train_step(
     """
     terms = normalize_terms(loss_terms)
 
-    def step(params, opt_state, rest, x, y, key):
+    def step(params, opt_state, rest, x, y, key, count=None):
         def objective(p):
-            loss, parts = total_loss(terms, struct, p, rest, x, y, key)
+            loss, parts = total_loss(terms, struct, p, rest, x, y, key, step=count)
             # The clean logits for the accuracy; XLA merges this forward pass with the
             # cross-entropy term's identical one.
             logits, new_rest = struct.apply_with_state(p, rest, x)
@@ -225,8 +230,8 @@ def _jitted_step(step: Callable, mesh: Mesh | None = None) -> Callable:
     if mesh is not None:
         return jax.jit(step, donate_argnums=(0, 1), out_shardings=devices_lib.replicated(mesh))
 
-    def gathered(params, opt_state, rest, x_all, y_all, idx, key):
-        return step(params, opt_state, rest, x_all[idx], y_all[idx], key)
+    def gathered(params, opt_state, rest, x_all, y_all, idx, key, count):
+        return step(params, opt_state, rest, x_all[idx], y_all[idx], key, count)
 
     return jax.jit(gathered, donate_argnums=(0, 1))
 
@@ -250,7 +255,7 @@ def _step_for(struct: Structure, optimizer, terms, mesh: Mesh | None = None) -> 
 
 
 class _Feed(NamedTuple):
-    """Where the batches come from: ``step(params, opt_state, rest, rows, key)`` and
+    """Where the batches come from: ``step(params, opt_state, rest, rows, key, count)`` and
     ``test(start, stop) -> (x, y)``."""
 
     step: Callable
@@ -262,8 +267,9 @@ def _device_feed(struct: Structure, data: data_lib.Dataset, dtype, step_fn) -> _
     x_train, y_train = _device_data(struct, data.x_train, data.y_train, dtype, "train")
     x_test, y_test = _device_data(struct, data.x_test, data.y_test, dtype, "test")
 
-    def step(params, opt_state, rest, rows, key):
-        return step_fn(params, opt_state, rest, x_train, y_train, jnp.asarray(rows), key)
+    def step(params, opt_state, rest, rows, key, count):
+        return step_fn(params, opt_state, rest, x_train, y_train, jnp.asarray(rows), key,
+                       count)
 
     return _Feed(step, lambda a, b: (x_test[a:b], y_test[a:b]))
 
@@ -278,8 +284,8 @@ def _mesh_feed(struct: Structure, data: data_lib.Dataset, dtype, step_fn, mesh: 
         sharding = devices_lib.batch_sharding(mesh, len(rows))
         return devices_lib.host_rows(sharding, x, rows), devices_lib.host_rows(sharding, y, rows)
 
-    def step(params, opt_state, rest, rows, key):
-        return step_fn(params, opt_state, rest, *rows_of(x_train, y_train, rows), key)
+    def step(params, opt_state, rest, rows, key, count):
+        return step_fn(params, opt_state, rest, *rows_of(x_train, y_train, rows), key, count)
 
     return _Feed(step, lambda a, b: rows_of(x_test, y_test, np.arange(a, b)))
 
@@ -447,8 +453,9 @@ def train(
             acc = _EpochSums(("loss", *names, "correct", "grad_norm"), epoch + 1, directory)
             pending = None
             for s, (idx, _) in enumerate(order):
-                params, opt_state, rest, m = feed.step(params, opt_state, rest, idx,
-                                                       jax.random.fold_in(step_root, s))
+                params, opt_state, rest, m = feed.step(
+                    params, opt_state, rest, idx, jax.random.fold_in(step_root, s),
+                    np.int32(epoch * steps_per_epoch + s))
                 # Check the previous step while this one runs (keeps the device busy).
                 if pending is not None:
                     acc.add(*pending)

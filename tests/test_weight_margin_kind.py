@@ -13,11 +13,17 @@ import numpy as np
 import pytest
 import yaml
 
-from jaxsens import analyses, bounds, cli
+from jaxsens import analyses, bounds, cli, losses
 from jaxsens.analyses.weight_margin import SOUNDNESS_TOLERANCE
 from jaxsens.config import load_config, parse_config
 from jaxsens.report import summary_table
-from jaxsens.runner import build_model, load_run, prepare_data, validate_against_model
+from jaxsens.runner import (
+    _loss_terms,
+    build_model,
+    load_run,
+    prepare_data,
+    validate_against_model,
+)
 
 BASE = {
     "name": "margin_kind",
@@ -206,6 +212,19 @@ def test_builtin_experiments_fit_their_models_and_the_documented_commands():
     cfg = load_config("margin_training", ["train.loss.1.weight=0.3", "train.loss.2.weight=0.01"])
     assert [(t.kind, t.weight) for t in cfg.train.loss] == [
         ("cross_entropy", 1.0), ("weight_margin", 0.3), ("linf_norm", 0.01)]
+    # λ is warmed up: the runner hands the train loop a schedule, not a number.
+    weights = [w for w, _ in _loss_terms(cfg)]
+    assert weights[0] == 1.0 and weights[2] == 0.01
+    assert weights[1] == losses.Warmup(0.3, 100)
+    # The input-adversarial comparison: the same chain, the adversarial term swept 0/1.
+    for w in ("0", "1"):
+        adv = load_config("adversarial_vs_weight_attack", [f"train.loss.1.weight={w}"])
+        ds, _ = prepare_data(adv.model_copy(update={"data": adv.data.model_copy(
+            update={"n_train": 20, "n_test": 20})}))
+        validate_against_model(adv, build_model(adv, ds), ds)
+        assert [t.kind for t in adv.train.loss] == ["cross_entropy", "adversarial"]
+        assert {a.kind for a in adv.analyses} >= {"weight_margin", "input_noise"}
+        assert "attack" in next(a for a in adv.analyses if a.kind == "input_noise").estimators
     # With both weights at 0 (the sweep's cross-entropy point) the config is still valid.
     assert [t.weight for t in load_config("margin_training").train.loss] == [1.0, 0.0, 0.0]
     assert parse_config({"analyses": [ALL]}).analyses[0].attack_examples == 4

@@ -391,11 +391,23 @@ def _comparison_figure(rows: list[_Row], keys: list[str],
     return fig
 
 
+def _gap(results: dict | None) -> float | None:
+    """The last epoch's training accuracy minus the clean test accuracy (None if unknown)."""
+    if results is None:
+        return None
+    train = (results.get("final_train") or {}).get("train_accuracy")
+    test = results.get("clean_test_accuracy")
+    if train is None or test is None:
+        return None
+    return float(train) - float(test)
+
+
 def render_sweep_report(sweep_dir: str | Path, *, figure: bool = True) -> str:
     """Compare the points of a sweep side by side: ``comparison.md`` and ``comparison.png``.
 
     One table row per point (:func:`sweep_points`): its swept values, its status, the
-    clean test accuracy and, per analysis and summary row (a site, an example ...), the
+    clean test accuracy, the generalization gap (last-epoch training accuracy minus test
+    accuracy) and, per analysis and summary row (a site, an example ...), the
     headline numbers of that analysis's kind as its terminal summary shows them (the noise
     analyses: sampled / predicted / bound / accuracy at each analysis's headline level). A
     point that
@@ -420,7 +432,8 @@ def render_sweep_report(sweep_dir: str | Path, *, figure: bool = True) -> str:
     keys = list(dict.fromkeys(k for r in rows for k in r.point.values))
     cells = [_headlines(r.results) if r.results is not None else {} for r in rows]
     columns = list(dict.fromkeys(c for p in cells for c in p))
-    header = [*keys, "status", "clean test accuracy", *(c.header for c in columns)]
+    header = [*keys, "status", "clean test accuracy", "train − test",
+              *(c.header for c in columns)]
     lines = ["| " + " | ".join(_cell(h) for h in header) + " |",
              "|" + "---|" * len(header)]
     for row, found in zip(rows, cells, strict=True):
@@ -428,7 +441,8 @@ def render_sweep_report(sweep_dir: str | Path, *, figure: bool = True) -> str:
         values = [row.point.values.get(k, "–") for k in keys]
         numbers = [" / ".join(found[c]) if c in found else "–" for c in columns]
         lines.append("| " + " | ".join(_cell(v) for v in
-                                       [*values, row.status, _num(acc, "{:.4f}"), *numbers])
+                                       [*values, row.status, _num(acc, "{:.4f}"),
+                                        _num(_gap(row.results), "{:+.4f}"), *numbers])
                      + " |")
     table = "\n".join(lines)
     done = [r for r in rows if r.results is not None]
@@ -440,7 +454,9 @@ def render_sweep_report(sweep_dir: str | Path, *, figure: bool = True) -> str:
         + (f"; {missing} missing (failed, unfinished or not run)" if missing else "") + ".",
         "Each analysis column holds the headline numbers of its kind, as in the point's "
         "terminal summary (noise analyses: sampled E‖ΔF‖ / predicted / bound / accuracy "
-        "under noise, at the level named in the column).", "", table, "",
+        "under noise, at the level named in the column). *train − test* is the "
+        "generalization gap: the last epoch's training accuracy (averaged over its steps, "
+        "clean inputs) minus the clean test accuracy.", "", table, "",
     ]
     if figure and done:
         fig = _comparison_figure(rows, keys, cells, columns)

@@ -84,6 +84,8 @@ def test_sweep_writes_manifest_and_comparison(swept):
         cell = dict(zip(header, row, strict=True))
         assert (cell[LR], cell["model.activation"], cell["status"]) == (lr, "relu", "ok")
         assert cell["clean test accuracy"] == f"{res['clean_test_accuracy']:.4f}"
+        gap = res["final_train"]["train_accuracy"] - res["clean_test_accuracy"]
+        assert cell["train − test"] == f"{gap:+.4f}"
         for site in ("h0", "h1"):
             col = f"activation_noise: {site} ε=0.05 — sampled / predicted / bound / accuracy"
             assert cell[col] == _expected(res, "activation_noise", site, 0.05)

@@ -320,3 +320,42 @@ def test_profile_needs_a_key_only_for_the_sampled_estimator(model):
     assert prof.deviation.mean.shape == (2, 1, 2, 3)
     with pytest.raises(ValueError, match="'sampled' estimator needs key="):
         js.profile(model, x, noise=law, levels=[0.1])
+
+
+# --------------------------------------------------------------------------- XLA:CPU LAPACK
+_CHAINED = """
+import jax, jax.numpy as jnp
+from jaxsens.estimators._common import after
+ms = [jnp.broadcast_to(jnp.eye(10), (256, 10, 10)) * (i + 1) for i in range(40)]
+def chained(*ms):
+    out = []
+    for m in ms:
+        out.append(jnp.linalg.eigvalsh(after(m, out[-1] if out else None)))
+    return out
+for _ in range(3):
+    jax.block_until_ready(jax.jit(chained)(*ms))
+print("done")
+"""
+
+
+def test_after_orders_batched_lapack_calls_and_changes_no_number():
+    """40 independent batched eigvalsh calls in one program deadlock XLA:CPU's thread pool
+    on a multi-core host (every pool thread waits for parts of its own batch); chained
+    through ``after`` they run one by one and finish. A NaN in the previous result does
+    not leak into the next input."""
+    import os
+    import subprocess
+    import sys
+
+    from jaxsens.estimators._common import after
+
+    run = subprocess.run([sys.executable, "-c", _CHAINED], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert run.returncode == 0 and run.stdout.strip() == "done", run.stderr[-2000:]
+    m = jnp.arange(6.0).reshape(2, 3) - 2.5
+    prev = {"a": jnp.asarray([jnp.nan, 1.0]), "b": jnp.asarray([jnp.inf]),
+            "n": jnp.asarray([3], jnp.int32), "flag": jnp.asarray(True)}
+    got = jax.jit(after)({"m": m, "i": jnp.arange(3)}, prev)
+    np.testing.assert_array_equal(np.asarray(got["m"]), np.asarray(m))
+    np.testing.assert_array_equal(np.asarray(got["i"]), np.arange(3))
+    assert after(m, None) is m

@@ -28,7 +28,7 @@ from .. import noise as noise_lib
 from ..bounds import project_l1_ball
 from ..paths import param
 from ..sites import INPUT, PureModel, SiteInfo, Structure
-from ._common import check_inputs, compiled_kernel, example_index
+from ._common import after, check_inputs, compiled_kernel, example_index
 from ._deviation import DEFAULT_QUANTILES, Deviation, deviation
 
 __all__ = ["attack", "attack_body", "attack_table", "attack_applies", "check_attack_law"]
@@ -212,13 +212,17 @@ def attack_table(struct: Structure, params, rest, x, laws, levels, key, *,
                  ) -> tuple[Deviation, tuple[bool, ...]]:
     """Every site × level (the attack is nonlinear in the radius: one run per level);
     laws without a ball are absent."""
-    rows, present = [], []
+    rows: list[Deviation] = []
+    present: list[bool] = []
     k = math.prod(struct.output_shape)
     for i, (site, law) in enumerate(zip(sites, laws, strict=True)):
         ok = attack_applies(law, struct.site(site))
         if ok:
-            def one(level, j, law=law, site=site, i=i):
-                return attack_body(struct, params, rest, x, law.with_level(level),
+            # Sites one after the other: each runs batched SVDs (see ``after``).
+            xi = after(x, rows[-1] if rows else None)
+
+            def one(level, j, law=law, site=site, i=i, xi=xi):
+                return attack_body(struct, params, rest, xi, law.with_level(level),
                                    jax.random.fold_in(jax.random.fold_in(key, i), j),
                                    site=site, qlevels=qlevels)
 

@@ -46,6 +46,7 @@ __all__ = [
     "safe_norm",
     "memory_budget",
     "chunked_map",
+    "after",
     "compiled_kernel",
     "Shards",
     "plan",
@@ -209,6 +210,40 @@ def chunked_map(fn, x: jax.Array, chunk: int):
         x = jnp.concatenate([x, jnp.broadcast_to(x[:1], (pad, *x.shape[1:]))], axis=0)
     out = jax.lax.map(fn, x.reshape(n, chunk, *x.shape[1:]))
     return jax.tree.map(lambda a: a.reshape(n * chunk, *a.shape[2:])[:batch], out)
+
+
+def after(value, previous):
+    """``value``, made available to what uses it only once ``previous`` is computed.
+
+    XLA's CPU runtime (jaxlib 0.10) can deadlock when two batched LAPACK calls of one
+    program (eigh, svd, cholesky ...) run at the same time: each splits its batch over
+    the intra-op thread pool and blocks a pool thread until the parts are done, and with
+    every pool thread so blocked nobody runs the parts. Computations that each contain
+    such a call and would otherwise be independent are chained through this, so that
+    they run one after the other; within one computation, batch the calls into one.
+
+    The dependency is data: every floating leaf of ``value`` gets ``0 · s`` added, ``s``
+    a finite scalar read off every leaf of ``previous`` (non-finite entries replaced by
+    0), so the numbers do not change. (An ``optimization_barrier`` does not order XLA's
+    CPU thunks: it is expanded away before they are scheduled.)
+
+    Args:
+      value: a pytree of arrays (the inputs of the next computation).
+      previous: a pytree of arrays (the result of the one before), or ``None``.
+
+    Returns:
+      ``value``, numerically unchanged.
+    """
+    if previous is None:
+        return value
+    firsts = [jnp.ravel(a)[:1].astype(jnp.float32) for a in jax.tree.leaves(previous)
+              if a.size and jnp.issubdtype(a.dtype, jnp.number)]
+    if not firsts:
+        return value
+    s = jnp.sum(jnp.concatenate([jnp.where(jnp.isfinite(f), f, 0.0) for f in firsts]))
+    zero = 0.0 * s  # XLA does not fold x·0 for floats (NaN and inf semantics)
+    return jax.tree.map(lambda v: v + zero.astype(v.dtype)
+                        if jnp.issubdtype(v.dtype, jnp.inexact) else v, value)
 
 
 class Shards(NamedTuple):

@@ -200,8 +200,9 @@ def linearized_table(struct: Structure, params, rest, x, laws, levels, *,
     """
     unit = tuple(law.with_level(1.0) for law in laws)
     outs = sandwiches(struct, params, rest, x, unit, sites=sites, chunk=chunk)
-    # Every site's k × k eigenproblems in one batched call (one LAPACK loop on a CPU,
-    # instead of one per site competing with the sweep).
+    # Every site's k × k eigenproblems in one batched call: one LAPACK loop on a CPU
+    # instead of one per site competing with the sweep, and never two batched LAPACK
+    # calls at once, which can deadlock XLA's CPU runtime (see ``_common.after``).
     batch = x.shape[0]
     means, rmss = linear_predictions(jnp.concatenate([m for m, _, _ in outs]),
                                      jnp.concatenate([mf for _, _, mf in outs]))

@@ -135,7 +135,13 @@ def attack_body(struct: Structure, params, rest, x, law, key, *, site: str,
         for i in range(restarts):
             g = jax.random.normal(jax.random.fold_in(key1, i), shape, dtype)
             starts.append(r * g / jnp.sqrt(jnp.sum(g * g)))
-        best = jnp.max(jnp.stack([_ascend(gain, project, s, r, steps) for s in starts]))
+        # The starts one after the other: a spectral ball projects with a batched SVD
+        # at every step (see ``after``).
+        bests: list[jax.Array] = []
+        for s in starts:
+            bests.append(_ascend(gain, project, after(s, bests[-1] if bests else None), r,
+                                 steps))
+        best = jnp.max(jnp.stack(bests))
         return jnp.sqrt(best)
 
     v = x if site == INPUT else (values[site] if not weight else x)

@@ -484,9 +484,10 @@ def noncentral_norm_mean(m: Float[Array, " k"], c: Float[Array, "k k"]) -> Float
         series = -0.5 * series_logdet - tt * series_q
         # A singular C has eigenvalues of about −k·eps after rounding: once x·k·eps ≳ 1
         # the Cholesky factorization fails (NaN) though I + xC is positive definite. There
-        # E e^{-t‖z‖²} ≤ (k/x)^{½} is below ~1e-7 and its weight e^{-u/2} as small:
-        # count it as 0 (an error ~1e-14 relative). A NaN at smaller x (C itself
-        # indefinite) stays NaN.
+        # E e^{-t‖z‖²} is small and so is the node's weight e^{-u/2}: count it as 0 (an
+        # error ≲ 1e-13 relative in float64; ≲ 1e-6 in float32, where the factorization's
+        # own rounding is larger). A NaN at smaller x (C itself indefinite) stays NaN; the
+        # gradient at a singular C is not finite.
         rounding = x * k * jnp.finfo(m.dtype).eps >= 0.5
         exact = jnp.where(jnp.isnan(exact) & rounding, -jnp.inf, exact)
         return jnp.where(x * jnp.maximum(tr[1], 1e-30) < 1e-4, series, exact)

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
+from . import flatten as flatten_lib
 from .paths import param, path_name
 
 __all__ = [
@@ -441,7 +442,8 @@ def adapt(model: nnx.Module | PureModel, x=None) -> tuple[Adapter, Any]:
     """The :class:`Adapter` of ``model`` and the arrays to pass with it to a kernel.
 
     Cached per architecture: a model seen before (same pytree structure, same input
-    shape) costs one pytree flatten and a dictionary look-up, with no tracing.
+    shape) costs one pytree flatten and a dictionary look-up, with no tracing; an
+    unchanged live module is not even flattened again (:mod:`jaxsens.flatten`).
 
     Args:
       model: a Flax NNX module or a :class:`PureModel`.
@@ -461,7 +463,7 @@ def adapt(model: nnx.Module | PureModel, x=None) -> tuple[Adapter, Any]:
         return _pure_adapter(model.structure), (model.params, model.rest)
     if not isinstance(model, nnx.Module):
         raise ValueError(f"model must be a flax.nnx.Module, got {type(model).__name__}")
-    leaves, treedef = jax.tree_util.tree_flatten(model)
+    leaves, treedef = flatten_lib.flatten(model)
     if len(leaves) == 1 and leaves[0] is model:
         # A module declared with pytree=False is no pytree: discover and split every time.
         structure = _discover(model, _shape_key(model, x))
@@ -506,7 +508,7 @@ def inference_structure(model: nnx.Module, x=None) -> Structure:
       The structure whose graph definition runs the model with running statistics and
       no dropout; its parameters and state are the model's own.
     """
-    leaves, treedef = jax.tree_util.tree_flatten(model)
+    leaves, treedef = flatten_lib.flatten(model)
     return _module_adapter(model, x, leaves, treedef, warn=False).structure
 
 

@@ -18,7 +18,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "jaxsens"
 
 LAYERS = {
-    "precision": 0, "io": 0, "paths": 0, "plotting": 0, "checks": 0, "devices": 0,
+    "precision": 0, "flatten": 0, "io": 0, "paths": 0, "plotting": 0, "checks": 0, "devices": 0,
     "linalg": 1, "quadrature": 1, "montecarlo": 1,
     "noise": 2, "models": 2, "sites": 2, "data": 2,
     "graph": 2.5,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -21,6 +22,7 @@ from ._common import (
     chunked_map,
     compiled_kernel,
     memory_budget,
+    quantile_levels,
     safe_norm,
 )
 from ._deviation import DEFAULT_QUANTILES, Deviation, deviation
@@ -28,8 +30,10 @@ from ._deviation import DEFAULT_QUANTILES, Deviation, deviation
 __all__ = ["linearized", "sandwiches", "linear_predictions", "example_chunk"]
 
 
-def example_chunk(struct: Structure, sites: Sequence[str], batch: int, itemsize: int) -> int:
-    """Examples per step so that the Jacobians of one step fit the memory budget."""
+@functools.lru_cache(maxsize=256)
+def example_chunk(struct: Structure, sites: tuple[str, ...], batch: int, itemsize: int) -> int:
+    """Examples per step so that the Jacobians of one step fit the memory budget
+    (cached: a repeated call costs a look-up, not the site sizes and device queries)."""
     k = math.prod(struct.output_shape)
     per_example = k * sum(struct.site(s).size for s in sites) * itemsize * 3
     return int(max(1, min(batch, memory_budget() // max(per_example, 1))))
@@ -113,7 +117,7 @@ def linear_predictions(m: jax.Array, mean_factor: jax.Array) -> tuple[jax.Array,
       mean rule, from the eigenvalues of M) and (tr M)^½.
     """
     rms = jnp.sqrt(jnp.maximum(jnp.trace(m, axis1=-2, axis2=-1), 0.0))
-    mean = mean_factor * jax.vmap(gaussian_norm_mean)(m)
+    mean = mean_factor * gaussian_norm_mean(m)
     return mean, rms
 
 
@@ -186,7 +190,7 @@ def linearized(
     chunk = chunk_size or example_chunk(struct, (site,), x.shape[0], itemsize)
     chunk = check_positive_int("chunk_size", chunk)
     res = _kernel(p.adapter, p.arrays, p.x, noise, site=site, chunk=chunk,
-                  qlevels=tuple(float(q) for q in quantiles))
+                  qlevels=quantile_levels(quantiles))
     return res.labelled(estimator="linearized", site=site, law=noise.describe())
 
 

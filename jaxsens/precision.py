@@ -65,4 +65,15 @@ def describe() -> str:
       ``"default"`` when unset) and ``jax.default_backend()``, e.g. ``"highest (gpu)"``.
     """
     value = cast(Any, jax.config).jax_default_matmul_precision  # (not in the stubs)
-    return f"{value or 'default'} ({jax.default_backend()})"
+    return _describe(value, _backend())
+
+
+@functools.cache
+def _backend() -> str:
+    # Fixed once JAX has initialised its backends; looking it up costs ~10 µs per result.
+    return jax.default_backend()
+
+
+@functools.lru_cache(maxsize=16)
+def _describe(value, backend: str) -> str:
+    return f"{value or 'default'} ({backend})"

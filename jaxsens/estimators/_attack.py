@@ -28,7 +28,7 @@ from .. import noise as noise_lib
 from ..bounds import project_l1_ball
 from ..paths import param
 from ..sites import INPUT, PureModel, SiteInfo, Structure
-from ._common import after, check_inputs, compiled_kernel, example_index
+from ._common import after, check_inputs, compiled_kernel, example_index, quantile_levels
 from ._deviation import DEFAULT_QUANTILES, Deviation, deviation
 
 __all__ = ["attack", "attack_body", "attack_table", "attack_applies", "check_attack_law"]
@@ -209,7 +209,7 @@ def attack(
         raise ValueError(f"attack at site {site!r}: {reason}")
     key = jax.random.key(0) if key is None else key
     res = _kernel(p.adapter, p.arrays, p.x, noise, key, site=site, steps=int(steps),
-                  restarts=int(restarts), qlevels=tuple(float(q) for q in quantiles))
+                  restarts=int(restarts), qlevels=quantile_levels(quantiles))
     return res.labelled(estimator="attack", site=site, law=noise.describe())
 
 

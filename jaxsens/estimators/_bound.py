@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import operator
 import threading
 import weakref
 from collections import OrderedDict
@@ -20,7 +21,7 @@ from .. import noise as noise_lib
 from ..bounds import output_linf_bound
 from ..paths import param
 from ..sites import INPUT, Adapter, PureModel, Structure
-from ._common import check_inputs, compiled_kernel, input_dtype
+from ._common import check_inputs, compiled_kernel, input_dtype, quantile_levels
 from ._deviation import DEFAULT_QUANTILES, Deviation, deviation
 
 __all__ = ["bound", "bound_body", "lipschitz_constants", "check_site", "bound_applies",
@@ -43,8 +44,16 @@ _CACHE_SIZE = 32
 _CACHE_LOCK = threading.Lock()
 
 
+_CONCRETE_TYPES: set[type] = set()  # types found to be concrete JAX arrays
+
+
 def _is_concrete(leaf) -> bool:
-    return isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
+    if type(leaf) in _CONCRETE_TYPES:  # isinstance(·, jax.Array) is an ABC check: ~0.4 µs
+        return True
+    ok = isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
+    if ok:
+        _CONCRETE_TYPES.add(type(leaf))
+    return ok
 
 
 def lipschitz_constants(adapter: Adapter, arrays, dtype=jnp.float32) -> jax.Array:
@@ -68,14 +77,14 @@ def lipschitz_constants(adapter: Adapter, arrays, dtype=jnp.float32) -> jax.Arra
     """
     dtype = jnp.dtype(dtype)
     leaves = arrays if adapter.treedef is not None else jax.tree.leaves(arrays)
-    if not all(_is_concrete(leaf) for leaf in leaves):
+    if not all(map(_is_concrete, leaves)):
         return _lipschitz_kernel(adapter, arrays, dtype)
-    key = (adapter, dtype, tuple(id(leaf) for leaf in leaves))
+    key = (adapter, dtype, tuple(map(id, leaves)))
     with _CACHE_LOCK:
         hit = _CACHE.get(key)
         if hit is not None:
             refs, value = hit
-            if all(r() is leaf for r, leaf in zip(refs, leaves, strict=True)):
+            if all(map(operator.is_, map(operator.call, refs), leaves)):  # same length
                 _CACHE.move_to_end(key)
                 return value
     value = _lipschitz_kernel(adapter, arrays, dtype)
@@ -230,7 +239,7 @@ def bound(
     check_site(p.structure, site)
     lips = lipschitz_constants(p.adapter, p.arrays, input_dtype(p.x))
     res = _kernel(p.adapter, p.arrays, p.x, noise, lips, site=site,
-                  qlevels=tuple(float(q) for q in quantiles))
+                  qlevels=quantile_levels(quantiles))
     return res.labelled(estimator="bound", site=site, law=noise.describe())
 
 

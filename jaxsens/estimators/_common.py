@@ -31,7 +31,7 @@ from .. import noise as noise_lib
 from ..checks import positive_int as check_positive_int
 from ..checks import safe_norm as safe_norm
 from ..sites import Adapter, SiteInfo, Structure, adapt
-from ._deviation import DATA_FIELDS, Deviation
+from ._deviation import DATA_FIELDS, DEFAULT_QUANTILES, Deviation
 
 __all__ = [
     "Prepared",
@@ -40,6 +40,7 @@ __all__ = [
     "check_law",
     "check_positive_int",
     "check_key",
+    "quantile_levels",
     "check_labels",
     "as_input",
     "input_dtype",
@@ -67,6 +68,24 @@ class Prepared(NamedTuple):
     @property
     def structure(self) -> Structure:
         return self.adapter.structure
+
+
+def quantile_levels(quantiles) -> tuple[float, ...]:
+    """The quantile levels as a tuple of floats in [0, 1] (a static kernel option).
+
+    Raises:
+      ValueError: not a sequence of numbers in [0, 1].
+    """
+    if quantiles is DEFAULT_QUANTILES:  # the common case: no conversion, ~4 µs saved
+        return DEFAULT_QUANTILES
+    try:
+        levels = tuple(float(q) for q in quantiles)
+    except (TypeError, ValueError):
+        raise ValueError(f"quantiles must be a list of levels in [0, 1], got "
+                         f"{quantiles!r}") from None
+    if any(not 0.0 <= q <= 1.0 for q in levels):
+        raise ValueError(f"quantiles must lie in [0, 1], got {list(quantiles)}")
+    return levels
 
 
 def check_key(key) -> None:
@@ -181,11 +200,12 @@ def check_labels(labels, batch: int):
 
 
 @functools.cache
+@functools.cache
 def memory_budget() -> int:
     """Bytes of intermediates an estimator aims for per chunk on the default backend.
 
     256 MiB on a CPU; on an accelerator 1/16 of its memory (at most 4 GiB), so that
-    large batches run in few chunks there.
+    large batches run in few chunks there. Computed once per process.
     """
     device = jax.devices()[0]
     if device.platform == "cpu":

@@ -13,7 +13,7 @@ from jaxtyping import Array, Float
 from .. import noise as noise_lib
 from ..moments import METHODS, check_method, noncentral_norm_mean, output_moments
 from ..sites import INPUT, PureModel, Structure
-from ._common import check_inputs, compiled_kernel
+from ._common import check_inputs, compiled_kernel, quantile_levels
 from ._deviation import DEFAULT_QUANTILES, Deviation, deviation
 
 __all__ = ["moments", "moments_body", "check_moments"]
@@ -113,7 +113,7 @@ def moments(
     p = check_inputs(model, x, INPUT, noise)
     check_method(PureModel(p.structure, None, None), method, split_at)
     res = _kernel(p.adapter, p.arrays, p.x, noise, method=method, split_at=split_at,
-                  qlevels=tuple(float(q) for q in quantiles))
+                  qlevels=quantile_levels(quantiles))
     return res.labelled(estimator="moments", site=INPUT, law=noise.describe())
 
 

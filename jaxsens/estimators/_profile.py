@@ -29,6 +29,7 @@ from ._common import (
     deviation_specs,
     input_dtype,
     prepare,
+    quantile_levels,
     sharded,
 )
 from ._common import plan as plan_shards
@@ -303,7 +304,7 @@ def profile(
                              "jax.random.key(0); the other estimators draw nothing")
         check_key(key)
     else:
-        sample_chunk, qlevels = 1, tuple(float(q) for q in quantiles)
+        sample_chunk, qlevels = 1, quantile_levels(quantiles)
     labels = check_labels(labels, batch)
     if key is None and "attack" in estimators:
         key = jax.random.key(0)  # the attack's random restarts

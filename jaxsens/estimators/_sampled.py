@@ -24,6 +24,7 @@ from ._common import (
     example_index,
     memory_budget,
     plan,
+    quantile_levels,
     safe_norm,
 )
 from ._deviation import DEFAULT_QUANTILES, Deviation, deviation
@@ -149,14 +150,7 @@ def check_options(struct: Structure, batch: int, itemsize: int, *, num_samples, 
     if chunk_size is None:
         chunk_size = default_chunk(struct, batch, num_samples, itemsize)
     chunk = min(check_positive_int("chunk_size", chunk_size), num_samples)
-    try:
-        qlevels = tuple(float(q) for q in quantiles)
-    except (TypeError, ValueError):
-        raise ValueError(f"quantiles must be a list of levels in [0, 1], got "
-                         f"{quantiles!r}") from None
-    if any(not 0.0 <= q <= 1.0 for q in qlevels):
-        raise ValueError(f"quantiles must lie in [0, 1], got {list(quantiles)}")
-    return num_samples, chunk, qlevels
+    return num_samples, chunk, quantile_levels(quantiles)
 
 
 def _itemsize(x) -> int:

@@ -105,7 +105,7 @@ def _eigs_jvp(primals, tangents):
 
 # Up to this many dimensions E‖z‖ of a k × k covariance comes from a Householder
 # tridiagonalization and the pivots of det(I + 2tT) (vectorized over the batch: a few
-# elementwise passes); above it, from LAPACK's eigenvalues (the unrolled loops would grow).
+# elementwise passes); above it, from LAPACK's eigenvalues (the unrolled pivot loop would grow).
 TRIDIAGONAL_MAX_K = 16
 
 
@@ -114,9 +114,12 @@ def tridiagonalize(m: Float[Array, "... k k"]) -> tuple[jax.Array, jax.Array]:
 
     Uses the symmetric part of ``m``, as ``jnp.linalg.eigvalsh`` does. The batch is moved
     last, so that every step is a few elementwise passes over all the matrices at once: on
-    a CPU, 7× faster than one LAPACK eigenvalue call per matrix for a thousand 10 × 10
-    matrices, and backward stable like it. Multiplications are elementwise (no matmul), so
-    the matmul precision (TF32 on GPUs) does not apply.
+    a CPU, 4× faster than one LAPACK eigenvalue call per matrix for a thousand 10 × 10
+    matrices, and backward stable like it. The k − 2 reflections run as a ``lax.scan`` on
+    the full k × k block (the rows and columns already reduced are masked): an unrolled
+    loop on shrinking blocks runs 40% faster but compiles 5× slower (2 s at k = 10).
+    Multiplications are elementwise (no matmul), so the matmul precision (TF32 on GPUs)
+    does not apply.
 
     Args:
       m: ``(..., k, k)`` symmetric.
@@ -128,30 +131,33 @@ def tridiagonalize(m: Float[Array, "... k k"]) -> tuple[jax.Array, jax.Array]:
     k = m.shape[-1]
     batch = m.shape[:-2]
     a = m.reshape(-1, k, k)
-    a = 0.5 * (a + jnp.swapaxes(a, -1, -2))  # as jnp.linalg.eigh(symmetrize_input=True)
-    sub = jnp.moveaxis(a, 0, -1)  # (k, k, B)
-    ds, es = [], []
-    for _ in range(k - 1):
-        ds.append(sub[0, 0])
-        x = sub[1:, 0]
-        if x.shape[0] == 1:
-            es.append(x[0])
-            sub = sub[1:, 1:]
-            continue
+    a = 0.5 * (a + jnp.swapaxes(a, -1, -2))
+    a = jnp.moveaxis(a, 0, -1)  # (k, k, B)
+    row = jnp.arange(k)[:, None]
+
+    def reflect(a, j):
+        # Zero column j below its subdiagonal: H = I − β v vᵀ acting on rows/columns > j.
+        col = jax.lax.dynamic_index_in_dim(a, j, axis=1, keepdims=False)  # (k, B)
+        below = row > j
+        x = jnp.where(below, col, 0.0)
+        x1 = jax.lax.dynamic_index_in_dim(col, j + 1, axis=0, keepdims=False)
         norm = jnp.sqrt(jnp.sum(x * x, axis=0))
-        alpha = -jnp.where(x[0] >= 0, norm, -norm)
-        v = x.at[0].add(-alpha)  # x + sign(x₀)‖x‖e₁: no cancellation
-        vv = jnp.sum(v * v, axis=0)
+        alpha = -jnp.where(x1 >= 0, norm, -norm)  # v = x + sign(x₁)‖x‖e₁: no cancellation
+        v = x - jnp.where(row == j + 1, alpha, 0.0)
+        vv = 2.0 * alpha * (alpha - x1)  # ‖v‖²
         beta = jnp.where(vv > 0, 2.0 / jnp.where(vv > 0, vv, 1.0), 0.0)
-        rest = sub[1:, 1:]
-        p = beta * jnp.sum(rest * v[None, :], axis=1)
+        p = jnp.where(below, beta * jnp.sum(a * v[None], axis=1), 0.0)
         w = p - (0.5 * beta * jnp.sum(p * v, axis=0)) * v
-        sub = rest - v[:, None] * w[None, :] - w[:, None] * v[None, :]
-        es.append(alpha)
-    ds.append(sub[0, 0])
-    d = jnp.moveaxis(jnp.stack(ds), 0, -1).reshape(*batch, k)
-    e = (jnp.moveaxis(jnp.stack(es), 0, -1) if es else jnp.zeros((a.shape[0], 0), m.dtype))
-    return d, e.reshape(*batch, k - 1)
+        return a - v[:, None] * w[None, :] - w[:, None] * v[None, :], alpha
+
+    if k > 2:
+        a, es = jax.lax.scan(reflect, a, jnp.arange(k - 2))
+        e = jnp.concatenate([es, a[k - 1, k - 2][None]])
+    else:
+        e = a[1:, 0]  # k = 2: already tridiagonal; k = 1: empty
+    d = jnp.stack([a[i, i] for i in range(k)])
+    return (jnp.moveaxis(d, 0, -1).reshape(*batch, k),
+            jnp.moveaxis(e, 0, -1).reshape(*batch, k - 1))
 
 
 def _tridiagonal_norm_mean(m: jax.Array) -> jax.Array:

@@ -83,18 +83,16 @@ class _Entry:
             return None
         if tuple(map(_state_flags, self.states)) != self.flags:
             return None
-        for value, copy in self.statics:
-            if value != copy:
-                return None
         variables = self.variables
         raws = list(map(_raw_value, variables))
         if (not all(map(_is, raws, map(operator.call, self.refs)))
                 or tuple(map(type, variables)) != self.types):
             return None
         try:
-            if list(map(_metadata, variables)) != self.metas:
+            if list(map(_metadata, variables)) != self.metas or any(
+                    value != copy for value, copy in self.statics):
                 return None
-        except Exception:  # metadata values without a truth value (arrays)
+        except Exception:  # values without a truth value (arrays): treat as changed
             return None
         if self.order is not None:
             return list(map(raws.__getitem__, self.order))

@@ -114,7 +114,8 @@ def linear_predictions(m: jax.Array, mean_factor: jax.Array) -> tuple[jax.Array,
 
     Returns:
       ``(mean, rms)``: E‖Jη‖ = mean_factor · E‖z‖ for z ~ N(0, M) (exact for the law's
-      mean rule, from the eigenvalues of M) and (tr M)^½.
+      mean rule, from the spectrum of M: :func:`jaxsens.quadrature.gaussian_norm_mean`)
+      and (tr M)^½.
     """
     rms = jnp.sqrt(jnp.maximum(jnp.trace(m, axis1=-2, axis2=-1), 0.0))
     mean = mean_factor * gaussian_norm_mean(m)
@@ -151,12 +152,12 @@ def linearized(
     """Exact first-order propagation of the noise to the output, per example.
 
     ΔF ≈ Jη with J = ∂F/∂site at the clean point. With C = E[ηηᵀ] from the law:
-    Cov ΔF = J C Jᵀ, E‖Jη‖² = tr(J C Jᵀ), and E‖Jη‖ exactly from the eigenvalues of
+    Cov ΔF = J C Jᵀ, E‖Jη‖² = tr(J C Jᵀ), and E‖Jη‖ exactly from the spectrum of
     J C Jᵀ (Gaussian laws) or with the sphere correction √n/E‖g‖ (sphere laws);
     for spectral/ℓ∞ weight laws the mean is that of a Gaussian with the same covariance
     (``mean_exact=False``). Also the sensitivity factor ‖v‖·‖J‖_F/√n, so that under
     relative-norm noise rms = ε · factor: the per-site number that says which layers
-    resist. The sweep, the eigenvalues and the quadrature are one compiled call.
+    resist. The sweep, the spectral reduction and the quadrature are one compiled call.
 
     Args:
       model: an NNX module or a ``PureModel``.

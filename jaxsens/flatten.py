@@ -22,10 +22,16 @@ makes it flatten again. A module the snapshot cannot describe (a data attribute 
 neither a module, a variable nor an array, a variable holding a pytree, an unhashable
 static value of another type, a module reached twice, leaves that are tracers) is
 flattened every time.
+
+Not seen: changes made behind Flax's back with ``object.__setattr__`` (replacing a
+node's ``__class__`` or ``__dict__``). A static attribute that refers back to the module
+(a bound method, a closure over ``self``) keeps it alive while its entry is cached, as
+the cached tree definition holds it; the cache keeps at most 64 modules.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import operator
 import threading
@@ -69,7 +75,9 @@ class _Entry:
         self.variables = variables
         self.types = tuple(map(type, variables))
         self.refs = tuple(weakref.ref(_raw_value(v)) for v in variables)
-        self.metas = [_copy(v._var_metadata) for v in variables]  # what Flax's flatten reads
+        # Shallow copies: the tree definition holds these same value objects, so comparing
+        # them by value here is what comparing tree definitions does.
+        self.metas = [dict(v._var_metadata) for v in variables]
         self.order = order  # leaf i is the raw value of variables[order[i]] ...
         self.getters = getters  # ... or, when order is None, getters[i]()
 
@@ -129,11 +137,15 @@ def flatten(module: Any) -> tuple[list, Any]:
         if leaves is not None:
             return leaves, entry.treedef
     leaves, treedef = jax.tree_util.tree_flatten(module)
-    if isinstance(module, nnx.Pytree) and not any(isinstance(x, jax.core.Tracer)
-                                                  for x in leaves):
+    if not isinstance(module, nnx.Pytree) or any(isinstance(x, jax.core.Tracer)
+                                                 for x in leaves):
+        if entry is not None:
+            with _LOCK:
+                _ENTRIES.pop(id(module), None)
+    else:
         try:
             new = _snapshot(module, leaves, treedef)
-        except (_Uncacheable, TypeError, AttributeError):
+        except Exception:  # noqa: BLE001 - a cache must never break the call: no entry
             new = None
         with _LOCK:
             if new is None:
@@ -166,11 +178,11 @@ def _snapshot(module, leaves: list, treedef) -> _Entry:
         try:
             hash(value)  # hashable: immutable by Python's contract, compared by identity
             return
-        except TypeError:
+        except Exception:  # noqa: BLE001 - unhashable, or a __hash__ that fails otherwise
             pass
         if not isinstance(value, (*_MUTABLE_STATICS, tuple)):
             raise _Uncacheable
-        statics.append((value, _copy(value)))
+        statics.append((value, copy.deepcopy(value)))  # keeps subclasses; handles cycles
 
     def data(value, d, name) -> None:
         if isinstance(value, nnx.Variable):
@@ -214,16 +226,3 @@ def _snapshot(module, leaves: list, treedef) -> _Entry:
     ref = weakref.ref(module, functools.partial(_forget, id(module)))
     return _Entry(ref, treedef, tuple(dicts), tuple(states), tuple(statics),
                   tuple(variables), tuple(get for _, get in picked), order)
-
-
-def _copy(value):
-    """A by-value copy of a static built-in container (nested containers copied too)."""
-    if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy(v) for v in value]
-    if isinstance(value, set):
-        return set(value)
-    if isinstance(value, tuple):
-        return tuple(_copy(v) for v in value)
-    return value

@@ -381,6 +381,10 @@ def _discover(module: nnx.Module, x_shape: tuple[int, ...] | None) -> Structure:
         output_shape=tuple(out.shape[1:]),
         state_spec=state_spec,
     )
+    try:
+        hash(structure)
+    except TypeError:
+        raise _unhashable_error(module) from None
     with _LOCK:
         return _STRUCTURES.setdefault(structure, structure)
 
@@ -472,9 +476,34 @@ def adapt(model: nnx.Module | PureModel, x=None) -> tuple[Adapter, Any]:
     return _module_adapter(model, x, leaves, treedef, warn=True), leaves
 
 
+def _unhashable_attribute(model: nnx.Module) -> str:
+    """``"path.attr (type)"`` of the first static attribute that cannot be hashed."""
+    for path, sub in nnx.iter_modules(model):
+        marks = getattr(sub, "_pytree__nodes", {})
+        for name, value in vars(sub).items():
+            if marks.get(name, False):
+                continue
+            try:
+                hash(value)
+            except Exception:  # noqa: BLE001 - any failure: this is the culprit
+                where = ".".join([*map(str, path), name])
+                return f"{where} ({type(value).__name__})"
+    return "?"
+
+
+def _unhashable_error(model: nnx.Module) -> ValueError:
+    return ValueError(
+        f"model attribute {_unhashable_attribute(model)} is not hashable; JAX keeps a "
+        "module's non-array attributes as static, hashable metadata: store a tuple instead "
+        "of a list (nnx.List / nnx.Dict for sub-modules and arrays)")
+
+
 def _module_adapter(model, x, leaves, treedef, *, warn: bool) -> Adapter:
     key = (treedef, _shape_key(model, x))
-    adapter = _MODULE_ADAPTERS.get(key)
+    try:
+        adapter = _MODULE_ADAPTERS.get(key)
+    except TypeError:
+        raise _unhashable_error(model) from None
     if adapter is None:
         training = training_mode_layers(model)
         if training:

@@ -104,6 +104,8 @@ CASES = [
         m, _x(), noise=LAW, levels=[0.1], key=KEY, weight_sites=["layers/0/kernel"]),
      "weight_noise"),
     ("model", lambda m: js.linearized(lambda x: x, _x(), site="h0", noise=LAW), "model"),
+    ("unhashable-attribute", lambda m: (setattr(m.layers[0], "notes", ["a"]), js.linearized(
+        m, _x(), site="h0", noise=LAW)), "layers.0.notes .list. is not hashable"),
     ("activation", lambda m: js.models.MLP(6, [8], 2, activation="swish",
                                            rngs=None), "activation"),
 ]

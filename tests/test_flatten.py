@@ -124,6 +124,35 @@ def test_mutable_static_values_are_compared_by_value(count):
     assert same(m)
 
 
+def test_metadata_replaced_by_an_equal_copy_of_another_order_is_seen():
+    """Metadata is compared as the tree definition compares it (the same value objects):
+    an OrderedDict replaced by one with another order is a change."""
+    from collections import OrderedDict
+
+    m = mlp()
+    m.w = nnx.Param(jnp.ones(3), axes=OrderedDict([("a", 1), ("b", 2)]))
+    flatten_lib.flatten(m)
+    m.w.set_metadata(axes=OrderedDict([("b", 2), ("a", 1)]))
+    assert same(m)
+
+
+def test_odd_static_values_never_break_the_call():
+    class BadHash:
+        def __hash__(self):
+            raise ValueError("no hash")
+
+        def __eq__(self, other):
+            return self is other
+
+    m = mlp()
+    loop: list = []
+    loop.append(loop)
+    m.loop = loop  # a self-referencing static list
+    m.bad = BadHash()
+    for _ in range(2):
+        assert same(m)
+
+
 def test_shared_submodules_and_numpy_leaves_are_correct():
     class Tied(nnx.Module):
         def __init__(self):

@@ -224,6 +224,24 @@ def test_batched_gaussian_norm_mean_equals_the_eigenvalue_rule(x64, k):
         got.reshape(3, 4))
 
 
+@pytest.mark.parametrize("k", [3, 10, 20])
+def test_gaussian_norm_mean_scales_and_edge_inputs(k):
+    """E‖z‖ is homogeneous of degree ½: float32 matrices scaled by 1e±19 (whose squares
+    over/underflow) give the scaled value; NaN gives NaN, not 0; k = 0 gives 0; integer
+    matrices are promoted."""
+    a = np.random.default_rng(k).standard_normal((k, k))
+    m = jnp.asarray(a @ a.T / k, jnp.float32)
+    base = float(gaussian_norm_mean(m))
+    for c in (1e-19, 1e19):
+        got = float(jax.jit(gaussian_norm_mean)(m * jnp.float32(c)))
+        assert got == pytest.approx(base * math.sqrt(c), rel=1e-5)
+    bad = m.at[0, 1].set(jnp.nan)
+    assert bool(jnp.isnan(jax.jit(gaussian_norm_mean)(bad)))
+    assert gaussian_norm_mean(jnp.zeros((2, 0, 0))).shape == (2,)
+    np.testing.assert_allclose(gaussian_norm_mean(jnp.eye(k, dtype=jnp.int32)),
+                               gaussian_norm_mean(jnp.eye(k)), rtol=1e-6)
+
+
 def test_batched_gaussian_norm_mean_gradient(x64):
     a = np.random.default_rng(3).standard_normal((2, 3, 4))
     m = jnp.asarray(a @ np.swapaxes(a, -1, -2) + 0.1 * np.eye(3))

@@ -16,7 +16,7 @@ from jaxtyping import Array, Float
 from .precision import exact
 
 __all__ = ["gaussian_norm_mean", "gaussian_norm_mean_from_eigs", "tridiagonalize", "rule",
-           "STEP", "NODES", "STEP_SINGLE", "NODES_SINGLE", "TRIDIAGONAL_MAX_K"]
+           "weights", "STEP", "NODES", "STEP_SINGLE", "NODES_SINGLE", "TRIDIAGONAL_MAX_K"]
 
 # Trapezoid rule in u = log t. With λ normalised to sum 1 the integrand decays like
 # e^{-|u|/2} on both sides and is analytic in the strip |Im u| < π (its branch points
@@ -48,6 +48,21 @@ def rule(dtype) -> tuple[np.ndarray, float]:
     return NODES_SINGLE, STEP_SINGLE
 
 
+def weights(u: jax.Array, step: float) -> jax.Array:
+    """The trapezoid weights of E‖z‖ = 1/(2√π) ∫ [1 − E e^{−t‖z‖²}] t^{−1/2} du.
+
+    Shared by every E‖z‖ rule here and by the moments' noncentral E‖z‖.
+
+    Args:
+      u: the nodes, u = log t (:func:`rule`).
+      step: the rule's step.
+
+    Returns:
+      One weight per node.
+    """
+    return step * jnp.exp(-0.5 * u) / (2.0 * math.sqrt(math.pi))
+
+
 def _integrals(lam: jax.Array):
     """(I0, I1_i): E‖z‖ = I0 and ∂E‖z‖/∂λ_i = I1_i for eigenvalues ``lam`` (sum 1)."""
     nodes, step = rule(lam.dtype)
@@ -57,7 +72,7 @@ def _integrals(lam: jax.Array):
     logs = jnp.log1p(2.0 * t[:, None] * lam[None, :])
     logp = -0.5 * jnp.sum(logs, axis=1)
     one_minus_p = -jnp.expm1(logp)
-    w = step * jnp.exp(-0.5 * u) / (2.0 * math.sqrt(math.pi))
+    w = weights(u, step)
     i0 = jnp.sum(w * one_minus_p)
     # ∂/∂λ_i [1 − Π] = Π · t / (1 + 2tλ_i)
     d = jnp.exp(logp)[:, None] * (t[:, None] / (1.0 + 2.0 * t[:, None] * lam[None, :]))
@@ -194,8 +209,7 @@ def _tridiagonal_norm_mean(m: jax.Array) -> jax.Array:
         excess = jnp.maximum(r, 0.0)
         logdet = logdet + jnp.log1p(excess)
     one_minus_p = -jnp.expm1(-0.5 * logdet)
-    w = (step * jnp.exp(-0.5 * u) / (2.0 * math.sqrt(math.pi))).reshape(
-        (-1,) + (1,) * (d.ndim - 1))
+    w = weights(u, step).reshape((-1,) + (1,) * (d.ndim - 1))
     value = jnp.sum(w * one_minus_p, axis=0)
     return _finish(tr, jnp.sqrt(safe) * jnp.sqrt(scale) * value)
 

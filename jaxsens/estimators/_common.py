@@ -200,7 +200,6 @@ def check_labels(labels, batch: int):
 
 
 @functools.cache
-@functools.cache
 def memory_budget() -> int:
     """Bytes of intermediates an estimator aims for per chunk on the default backend.
 

@@ -19,7 +19,6 @@ Inputs are per example (no batch axis); the covariance is over the flattened inp
 from __future__ import annotations
 
 import functools
-import math
 from typing import Literal, NamedTuple
 
 import jax
@@ -29,6 +28,7 @@ from jaxtyping import Array, Float
 from .. import graph as graph_lib
 from ..precision import exact
 from ..quadrature import rule as quadrature_rule
+from ..quadrature import weights as quadrature_weights
 from ..sites import PureModel, split
 from ._gaussian import GaussianMoments, affine_relu_affine, relu_mean, relu_moments
 from ._gaussian import relu_second_moment as _relu_m2
@@ -493,6 +493,5 @@ def noncentral_norm_mean(m: Float[Array, " k"], c: Float[Array, "k k"]) -> Float
         return jnp.where(x * jnp.maximum(tr[1], 1e-30) < 1e-4, series, exact)
 
     logp = jax.vmap(node)(t)
-    w = step * jnp.exp(-0.5 * u) / (2.0 * math.sqrt(math.pi))
-    val = jnp.sum(w * -jnp.expm1(logp))
+    val = jnp.sum(quadrature_weights(u, step) * -jnp.expm1(logp))
     return jnp.where(scale > 0, jnp.sqrt(safe) * val, 0.0)
